@@ -85,7 +85,9 @@ def two_lesions():
 def test_two_lesions_counted_sorted_with_hu_and_probability():
     labels, hu = two_lesions()
     geometry = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), IDENTITY)
-    result = measure(labels, hu, geometry, probabilities={1: 0.93, 2: 0.61})
+    probability = np.zeros(labels.shape, np.float32)
+    probability[labels == 2] = np.where(hu[labels == 2] == -10, 0.61, 0.93)  # each lesion's classifier value
+    result = measure(labels, hu, geometry, probability_map=probability)
     assert result["lesion_count"] == 2
     large, small = result["lesions"]
     assert (large["id"], small["id"]) == (1, 2)
@@ -97,7 +99,7 @@ def test_two_lesions_counted_sorted_with_hu_and_probability():
     assert large["std_hu"] == pytest.approx(10.0)  # 50 voxels of 30 HU and 50 of 50 HU: population std
     assert small["mean_hu"] == pytest.approx(-10.0) and small["std_hu"] == pytest.approx(0.0)
     assert large["centroid_voxel_zyx"] == pytest.approx([5.5, 17.0, 17.0])
-    assert (large["probability"], small["probability"]) == (0.93, 0.61)
+    assert (large["probability"], small["probability"]) == pytest.approx((0.93, 0.61))
     liver_voxels = 8 * 26 * 26
     assert result["liver_volume_ml"] == pytest.approx(liver_voxels * 2.0 / 1000)
     assert result["tumour_burden_percent"] == pytest.approx(100.0 * 118 / liver_voxels)
@@ -142,7 +144,9 @@ def test_empty_and_invalid_label_maps():
 
 def test_write_volumetry_json_csv_and_refuse_overwrite(tmp_path):
     labels, hu = two_lesions()
-    result = measure(labels, hu, Geometry((1.0, 1.0, 2.0), (0, 0, 0), IDENTITY), probabilities={1: 0.9})
+    probability = np.zeros(labels.shape, np.float32)
+    probability[4:8, 15:20, 15:20] = 0.9  # the larger lesion only; the other has no classifier value
+    result = measure(labels, hu, Geometry((1.0, 1.0, 2.0), (0, 0, 0), IDENTITY), probability_map=probability)
     json_path, csv_path = tmp_path / "out" / "volumetry.json", tmp_path / "out" / "volumetry.csv"
     assert write_volumetry(result, json_path, csv_path, overwrite=False) == [json_path, csv_path]
     assert json.loads(json_path.read_text()) == result
@@ -154,7 +158,7 @@ def test_write_volumetry_json_csv_and_refuse_overwrite(tmp_path):
     assert float(rows[0]["percent_of_liver"]) == pytest.approx(100.0)
     assert float(rows[1]["percent_of_liver"]) == pytest.approx(result["tumour_burden_percent"])
     assert rows[2]["id"] == "1" and float(rows[2]["volume_ml"]) == pytest.approx(result["lesions"][0]["volume_ml"])
-    assert float(rows[2]["probability"]) == 0.9 and rows[3]["probability"] == ""
+    assert float(rows[2]["probability"]) == pytest.approx(0.9) and rows[3]["probability"] == ""
     assert int(rows[3]["first_slice"]) == 2 and int(rows[3]["last_slice"]) == 3
 
     before = (json_path.read_text(), csv_path.read_text())

@@ -62,16 +62,19 @@ def measure(
     labels: np.ndarray,
     image_hu: np.ndarray,
     geometry: Geometry,
-    probabilities: Optional[dict[int, float]] = None,
+    probability_map: Optional[np.ndarray] = None,
 ) -> dict:
-    """Volumetry of a 0/1/2 label map (z, y, x) with its CT in HU on the same grid; see the module notes."""
+    """Volumetry of a 0/1/2 label map (z, y, x) with its CT in HU on the same grid; see the module notes.
+
+    ``probability_map`` (same grid, optional) holds the lesion classifier's probability on each kept
+    candidate's voxels; a lesion's probability is the largest value inside it (``None`` where it is 0).
+    """
     labels = np.asarray(labels)
     image_hu = np.asarray(image_hu)
     if labels.ndim != 3 or labels.shape != image_hu.shape:
         raise ValueError(f"labels {labels.shape} and image {image_hu.shape} must be 3D arrays of the same shape")
     if labels.size and (labels.min() < 0 or labels.max() > TUMOUR):
         raise ValueError(f"labels must be 0 (background), 1 (liver) or 2 (tumour); found {np.unique(labels)}")
-    probabilities = probabilities or {}
     voxel_ml = geometry.voxel_volume_mm3 / 1000.0
 
     liver_voxels = int(np.count_nonzero(labels))  # liver including tumour: the whole organ
@@ -126,7 +129,7 @@ def measure(
             "centroid_lps_mm": [float(v) for v in centroids_lps[i]],
             "centroid_voxel_zyx": [float(v) for v in centroids[i]],
             "slice_range": [int(sub[0].start + offset[0]), int(sub[0].stop - 1 + offset[0])],
-            "probability": _optional_float(probabilities.get(new_id)),
+            "probability": _lesion_probability(probability_map, box, sub, mask),
         })
     result["lesion_count"] = count
     result["lesions"] = lesions
@@ -236,6 +239,14 @@ def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
     """Bounding box of a boolean mask as slices, None when empty."""
     objects = ndimage.find_objects(np.ascontiguousarray(mask, dtype=bool).view(np.uint8))
     return objects[0] if objects else None
+
+
+def _lesion_probability(probability_map, box, sub, mask) -> Optional[float]:
+    if probability_map is None:
+        return None
+    values = probability_map[box][sub][mask]
+    best = float(values.max()) if values.size else 0.0
+    return best if best > 0 else None
 
 
 def _optional_float(value) -> Optional[float]:

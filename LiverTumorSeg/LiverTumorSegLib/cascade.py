@@ -1,0 +1,93 @@
+"""Cascaded 2.5D network stage: liver and tumour probability maps from ONNX Runtime.
+
+The liver branch runs on every slice of the body crop (fully convolutional, batched over slices). Its
+probability map locates the liver; the tumour branch then runs only on the slices and the in-plane box
+that hold liver (plus a margin), with the liver probability as its fourth input channel (paper §3.1).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+
+from .bundle import Bundle
+from .errors import Cancelled
+from .preprocess import PreparedVolume, crop_padded, grow_to_multiple, slice_stacks
+
+#: Margin around the located liver, in processing-grid pixels (mm at 1 mm) and slices.
+LIVER_BOX_MARGIN_PX = 16
+LIVER_BOX_MARGIN_SLICES = 2
+
+Progress = Callable[[str, float], None]
+
+
+def run_cascade(
+    prepared: PreparedVolume,
+    bundle: Bundle,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (liver, tumour) float32 probability maps on the body crop of ``prepared``."""
+    offsets = bundle.contract.stack_offsets
+    volume = prepared.intensities
+    liver = _run_branch(
+        bundle.session("liver", device=device, threads=threads), volume, None,
+        np.arange(volume.shape[0]), offsets, batch_size, "liver network", progress, cancel,
+    )
+    tumour = np.zeros_like(liver)
+    box = liver_box(liver > 0.5, bundle.contract.spatial_multiple)
+    if box is None:
+        if progress:
+            progress("tumour network", 1.0)
+        return liver, tumour
+    zs, ys, xs = box
+    sub_volume = crop_padded(volume[zs], (ys, xs))
+    sub_liver = crop_padded(liver[zs], (ys, xs))
+    sub_tumour = _run_branch(
+        bundle.session("tumour", device=device, threads=threads), sub_volume, sub_liver,
+        np.arange(sub_volume.shape[0]), offsets, batch_size, "tumour network", progress, cancel,
+    )
+    y_in = slice(max(ys.start, 0), min(ys.stop, volume.shape[1]))
+    x_in = slice(max(xs.start, 0), min(xs.stop, volume.shape[2]))
+    tumour[zs, y_in, x_in] = sub_tumour[:, y_in.start - ys.start : y_in.stop - ys.start, x_in.start - xs.start : x_in.stop - xs.start]
+    return liver, tumour
+
+
+def liver_box(mask: np.ndarray, multiple: int) -> tuple[slice, slice, slice] | None:
+    """(z, y, x) box around the largest liver-like component, with a margin; ``None`` if there is none.
+
+    The in-plane size is grown to a multiple of ``multiple``; it may reach past the crop (padded later).
+    """
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
+    largest = ndimage.find_objects((components == 1 + int(np.argmax(sizes))).astype(np.uint8))[0]
+    z, y, x = largest
+    zs = slice(max(z.start - LIVER_BOX_MARGIN_SLICES, 0), min(z.stop + LIVER_BOX_MARGIN_SLICES, mask.shape[0]))
+    ys = grow_to_multiple(y.start - LIVER_BOX_MARGIN_PX, y.stop + LIVER_BOX_MARGIN_PX, multiple)
+    xs = grow_to_multiple(x.start - LIVER_BOX_MARGIN_PX, x.stop + LIVER_BOX_MARGIN_PX, multiple)
+    return zs, ys, xs
+
+
+def _run_branch(session, volume, liver_prob, z_indices, offsets, batch_size, stage, progress, cancel) -> np.ndarray:
+    input_name = session.get_inputs()[0].name
+    out = np.empty(volume.shape, dtype=np.float32)
+    total = len(z_indices)
+    for start in range(0, total, batch_size):
+        if cancel and cancel():
+            raise Cancelled("Segmentation cancelled; nothing was written.")
+        batch = z_indices[start : start + batch_size]
+        stacks = slice_stacks(volume, batch, offsets)
+        if liver_prob is not None:
+            stacks = np.concatenate([stacks, liver_prob[batch][:, None]], axis=1)
+        out[batch] = session.run(None, {input_name: stacks})[0][:, 0]
+        if progress:
+            progress(stage, min(1.0, (start + len(batch)) / total))
+    return out

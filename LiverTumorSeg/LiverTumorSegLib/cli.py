@@ -1,0 +1,227 @@
+"""The ``livertumorseg`` command: segment CT volumes, run the demo, make synthetic phantoms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, InputError, LiverTumorSegError
+
+EXIT_CODES = """exit codes:
+  0    success
+  1    unexpected problem (please report it with the message)
+  2    bad input image (missing, unreadable, not a 3D CT volume)
+  3    output problem (exists without --overwrite, not writable)
+  4    model bundle problem (missing, damaged, unknown version)
+  130  cancelled (Ctrl-C or SIGTERM); nothing was written
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _raise_cancel)
+    try:
+        return args.run(args) or 0
+    except LiverTumorSegError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("error: cancelled; nothing was written.", file=sys.stderr)
+        return Cancelled.exit_code
+
+
+def _raise_cancel(signum, frame):
+    raise Cancelled("Cancelled by a termination signal; nothing was written.")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="livertumorseg",
+        description="Liver and liver-tumour segmentation of contrast-enhanced abdominal CT (research use).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    seg = commands.add_parser(
+        "segment", help="segment a CT volume (file or DICOM folder)", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment the liver and liver tumours; write label map, .seg.nrrd, volumetry and report.",
+    )
+    seg.add_argument("input", type=Path, help="CT image (.nii[.gz], .nrrd, .mha, .mhd) or a DICOM series folder")
+    seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
+    _add_run_options(seg)
+    seg.set_defaults(run=_segment)
+
+    demo = commands.add_parser(
+        "demo", help="segment a full-size synthetic CT with the bundled model and show the result",
+        description="Generate a full-size synthetic CT phantom, segment it with the bundled model, write all "
+        "outputs, and print the volumetry and the Dice against the phantom's ground truth.",
+    )
+    demo.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: a new temporary folder)")
+    demo.add_argument("--seed", type=int, default=2026, help="phantom seed (default 2026)")
+    _add_run_options(demo)
+    demo.set_defaults(run=_demo)
+
+    phantom = commands.add_parser("phantom", help="write synthetic CT phantoms in LiTS layout")
+    phantom.add_argument("--out", type=Path, required=True, help="output folder")
+    phantom.add_argument("--count", type=int, default=1, help="number of cases")
+    phantom.add_argument("--size", choices=("full", "small"), default="full", help="512×512 in-plane, or a small fast grid")
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--overwrite", action="store_true", help="replace existing cases")
+    phantom.set_defaults(run=_phantom)
+
+    stats = commands.add_parser("phantom-stats", help="print HU mean and std per tissue over generated phantoms")
+    stats.add_argument("--count", type=int, default=5)
+    stats.add_argument("--size", choices=("full", "small"), default="full")
+    stats.add_argument("--seed", type=int, default=0)
+    stats.set_defaults(run=_phantom_stats)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, default=None, help="model bundle folder (default: the bundled model)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
+    parser.add_argument("--no-morphology", action="store_true", help="skip the 3×3 morphological cleaning")
+    parser.add_argument("--no-slice-consistency", action="store_true", help="skip the three-slice consistency rule")
+    parser.add_argument("--no-radiomics", action="store_true", help="skip the radiomics false-positive filter")
+    parser.add_argument("--no-refine", action="store_true", help="skip the 3D CNN boundary refinement")
+    parser.add_argument("--per-lesion", action="store_true", help="one segment per lesion in the .seg.nrrd")
+    parser.add_argument("--label-format", choices=("nifti", "nrrd"), default="nifti")
+    parser.add_argument("--skip-intensity-check", action="store_true", help="accept images that do not look like CT in HU")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                        help="progress on stderr: a bar, one JSON object per line (for the Slicer module), or nothing")
+
+
+def _options(args):
+    from .pipeline import PipelineOptions
+    from .postprocess import PostprocessOptions
+
+    if args.threads is not None and args.threads < 1:
+        raise InputError("--threads must be at least 1.")
+    return PipelineOptions(
+        device=args.device, threads=args.threads,
+        postprocess=PostprocessOptions(morphology=not args.no_morphology, slice_consistency=not args.no_slice_consistency),
+        radiomics=not args.no_radiomics, refine=not args.no_refine, check_intensities=not args.skip_intensity_check,
+    )
+
+
+def _run(args, image, title: str):
+    from .bundle import load_bundle
+    from .pipeline import segment, write_outputs
+
+    bundle = load_bundle(args.bundle)
+    options = _options(args)
+    reporter = _ProgressReporter(args.progress)
+    result = segment(image, bundle, options, progress=reporter)
+    reporter.close()
+    out = write_outputs(result, image, args.output, overwrite=args.overwrite, label_format=args.label_format,
+                        per_lesion=args.per_lesion, title=title)
+    return result, out
+
+
+def _segment(args) -> int:
+    from .image_io import read_image
+
+    if args.output.exists() and not args.overwrite:  # fail before the slow part
+        raise _exists(args.output)
+    image = read_image(args.input)
+    result, out = _run(args, image, title=f"Liver and tumour segmentation of {args.input.name}")
+    _print_volumetry(result.volumetry)
+    print(f"outputs: {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .phantoms import generate_phantom
+    from .metrics import dice
+
+    args.output = args.output or Path(tempfile.mkdtemp(prefix="livertumorseg-demo-")) / "result"
+    if args.output.exists() and not args.overwrite:
+        raise _exists(args.output)
+    started = time.perf_counter()
+    phantom = generate_phantom(args.seed, size="full")
+    print(f"phantom: seed {args.seed}, {phantom.image.array.shape[::-1]} voxels, spacing "
+          f"{tuple(round(s, 2) for s in phantom.image.geometry.spacing)} mm, {len(phantom.tumours)} tumour(s), "
+          f"{phantom.meta.get('phase', '')} phase ({time.perf_counter() - started:.1f} s)")
+    result, out = _run(args, phantom.image, title=f"LiverTumorSeg demo: synthetic CT phantom (seed {args.seed})")
+    _print_volumetry(result.volumetry)
+    labels = result.labels.array
+    print(f"Dice against the phantom's truth: liver {dice(labels >= 1, phantom.label >= 1):.3f}, "
+          f"tumour {dice(labels == 2, phantom.label == 2):.3f}")
+    print(f"stage times (s): {json.dumps(result.details['timings_s'])}")
+    print(f"outputs: {out}  (open {out / 'report.html'} in a browser; load {out / 'segmentation.seg.nrrd'} in 3D Slicer)")
+    return 0
+
+
+def _phantom(args) -> int:
+    from .phantoms import write_phantom_dataset
+
+    if args.count < 1:
+        raise InputError("--count must be at least 1.")
+    written = write_phantom_dataset(args.out, args.count, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.count} case(s) to {args.out} ({len(written)} files)")
+    return 0
+
+
+def _phantom_stats(args) -> int:
+    from .phantoms import generate_phantom, tissue_hu_table
+
+    phantoms = [generate_phantom(args.seed + i, size=args.size) for i in range(args.count)]
+    print(f"{'tissue':<24}{'mean HU':>10}{'std HU':>10}{'voxels':>14}")
+    for row in tissue_hu_table(phantoms):
+        print(f"{row['tissue']:<24}{row['mean_hu']:>10.1f}{row['std_hu']:>10.1f}{row['voxels']:>14d}")
+    return 0
+
+
+def _print_volumetry(volumetry: dict) -> None:
+    print(f"liver volume: {volumetry['liver_volume_ml']:.1f} mL; tumours: {volumetry['lesion_count']} "
+          f"({volumetry['tumour_volume_ml']:.2f} mL, burden {volumetry['tumour_burden_percent']:.2f} %)")
+    if volumetry["lesions"]:
+        print(f"{'lesion':>6}{'volume mL':>11}{'eq. diam mm':>13}{'axial diam mm':>15}{'mean HU':>9}")
+        for lesion in volumetry["lesions"]:
+            print(f"{lesion['id']:>6}{lesion['volume_ml']:>11.2f}{lesion['equivalent_diameter_mm']:>13.1f}"
+                  f"{lesion['longest_axial_diameter_mm']:>15.1f}{lesion['mean_hu']:>9.0f}")
+
+
+def _exists(path: Path):
+    from .errors import OutputError
+
+    return OutputError(f"'{path}' already exists. Choose another output folder, or pass --overwrite to replace it.")
+
+
+class _ProgressReporter:
+    """Progress on stderr: a one-line bar on a terminal, JSON lines for the Slicer module, or nothing."""
+
+    def __init__(self, mode: str):
+        self.mode = "none" if mode == "bar" and not sys.stderr.isatty() else mode
+        self.last = None
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.mode == "json":
+            print(json.dumps({"stage": stage, "fraction": round(float(fraction), 4), "message": f"{stage} {fraction:.0%}"}),
+                  file=sys.stderr, flush=True)
+        elif self.mode == "bar" and (stage, int(fraction * 40)) != self.last:
+            self.last = (stage, int(fraction * 40))
+            bar = "#" * int(fraction * 30)
+            print(f"\r{stage:<22}[{bar:<30}] {fraction:4.0%}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The segmentation pipeline: orchestrates the stages, one module each, and writes the outputs.
+
+read → canonical orientation → preprocess → cascade → post-process → (radiomics filter) →
+(boundary refinement) → back to the input grid → volumetry. Every stage reports progress through one
+callback ``progress(stage, fraction)`` and checks one ``cancel()`` flag between steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .bundle import Bundle
+from .cascade import run_cascade
+from .errors import Cancelled, InputError
+from .image_io import Image, atomic_path, from_canonical, to_canonical, write_image
+from .postprocess import PostprocessOptions, postprocess
+from .preprocess import labels_to_grid, prepare_volume, resample
+from .volumetry import measure, write_volumetry
+
+log = logging.getLogger("LiverTumorSeg")
+
+Progress = Callable[[str, float], None]
+Cancel = Callable[[], bool]
+
+#: Output file names inside the output folder.
+LABELS_FILE = {"nifti": "segmentation.nii.gz", "nrrd": "segmentation.nrrd"}
+SEGMENTATION_FILE = "segmentation.seg.nrrd"
+VOLUMETRY_JSON, VOLUMETRY_CSV, REPORT_HTML, RUN_JSON = "volumetry.json", "volumetry.csv", "report.html", "run.json"
+
+
+@dataclass
+class PipelineOptions:
+    device: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 8
+    postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
+    radiomics: bool = True
+    refine: bool = True
+    check_intensities: bool = True
+
+
+@dataclass
+class SegmentationResult:
+    labels: Image  # 0 / 1 liver / 2 tumour on the input grid
+    volumetry: dict
+    details: dict  # bundle, stages run or skipped, thresholds, timings, warnings
+
+
+def check_ct_intensities(image: Image) -> list[str]:
+    """Refuse volumes that are clearly not CT in Hounsfield units; return warnings for doubtful ones.
+
+    CT of the abdomen always holds air (≈ −1000 HU, outside the body or in the bowel) and fat (≈ −100 HU).
+    A volume with no value below 0 is MR, PET or CT stored without its rescale intercept, and the
+    HU window of the network would be meaningless on it.
+    """
+    values = image.array.ravel()[:: max(1, image.array.size // 2_000_000)].astype(np.float32)
+    low, high = np.percentile(values, [0.5, 99.5])
+    if values.min() >= 0:
+        raise InputError(
+            f"The image has no negative values (range {values.min():.0f} to {values.max():.0f}), so it is not CT in "
+            "Hounsfield units (air is −1000 HU): it looks like MR, or a CT saved without its rescale intercept. "
+            "Give a CT volume in HU (e.g. load the DICOM series, which applies the rescale), or pass "
+            "--skip-intensity-check if you are sure."
+        )
+    warnings = []
+    if low > -500:
+        warnings.append(
+            f"Almost no air-like voxels (0.5th percentile {low:.0f} HU): the field of view may cut through the "
+            "body or the image may not be in HU; check the result carefully."
+        )
+    if high > 4000:
+        warnings.append(f"Very high intensities (99.5th percentile {high:.0f} HU): metal or a non-CT scale.")
+    return warnings
+
+
+def segment(
+    image: Image,
+    bundle: Bundle,
+    options: PipelineOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> SegmentationResult:
+    """Segment liver and tumours in a CT :class:`Image` (any orientation); results on the input grid."""
+    options = options or PipelineOptions()
+    progress = progress or (lambda stage, fraction: None)
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    stages: dict[str, str] = {}
+    details_extra: dict[str, dict] = {}
+
+    def step(name: str):
+        if cancel and cancel():
+            raise Cancelled("Segmentation cancelled; nothing was written.")
+        progress(name, 0.0)
+        return _Timer(timings, name)
+
+    with step("check input"):
+        if options.check_intensities:
+            warnings += check_ct_intensities(image)
+    with step("reorient"):
+        canonical, orientation = to_canonical(image)
+    with step("preprocess"):
+        prepared = prepare_volume(canonical, bundle.contract)
+    with step("cascade"):
+        liver_prob, tumour_prob = run_cascade(
+            prepared, bundle, device=options.device, threads=options.threads, batch_size=options.batch_size,
+            progress=progress, cancel=cancel,
+        )
+    with step("post-process"):
+        labels_crop, post_info = postprocess(liver_prob, tumour_prob, options.postprocess, progress, cancel)
+        del liver_prob, tumour_prob
+    stages["post-process"] = "run"
+    lesion_ids = None  # processing-grid map of each kept lesion's classifier probability, when the filter runs
+    if not options.radiomics:
+        stages["radiomics filter"] = "switched off"
+    elif not bundle.has("lesion_classifier"):
+        stages["radiomics filter"] = "skipped: the bundle has no lesion_classifier"
+    else:
+        from .radiomics_filter import LesionClassifier, filter_lesions
+
+        with step("radiomics filter"):
+            classifier = LesionClassifier.from_bundle(bundle, threads=options.threads)
+            labels_crop, probabilities, radiomics_info = filter_lesions(
+                prepared.hu, labels_crop, prepared.grid.spacing, classifier, threads=options.threads or 1,
+                progress=progress, cancel=cancel,
+            )
+            lesion_ids = _probability_map(labels_crop, probabilities)
+        stages["radiomics filter"] = "run"
+        details_extra["radiomics filter"] = radiomics_info
+    if not options.refine:
+        stages["boundary refinement"] = "switched off"
+    elif not bundle.has("boundary_cnn"):
+        stages["boundary refinement"] = "skipped: the bundle has no boundary_cnn"
+    else:
+        from .refinement import refine_boundaries
+
+        with step("boundary refinement"):
+            labels_crop, refine_info = refine_boundaries(
+                prepared.intensities, labels_crop, prepared.grid.spacing, bundle, device=options.device,
+                threads=options.threads, progress=progress, cancel=cancel,
+            )
+        stages["boundary refinement"] = "run"
+        details_extra["boundary refinement"] = refine_info
+    with step("back to input grid"):
+        on_grid = labels_to_grid(prepared.uncrop(labels_crop), prepared.grid, canonical.geometry, canonical.array.shape)
+        labels = from_canonical(on_grid, orientation)
+        lesion_probability = None
+        if lesion_ids is not None:
+            lesion_probability = from_canonical(
+                resample(Image(prepared.uncrop(lesion_ids), prepared.grid), canonical.geometry, canonical.array.shape,
+                         order=0, fill=0).array, orientation,
+            ).array
+    with step("volumetry"):
+        volumetry = measure(labels.array, image.array, image.geometry, probability_map=lesion_probability)
+    if volumetry["liver_volume_ml"] == 0:
+        warnings.append("No liver was found in this image: the segmentation is empty. Is the liver in the field of view?")
+    for message in warnings:
+        log.warning(message)
+    progress("done", 1.0)
+    details = {
+        "engine_version": __version__,
+        "bundle": bundle.name,
+        "bundle_path": str(bundle.path),
+        "stages": stages,
+        "postprocess": post_info,
+        **details_extra,
+        "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
+        "warnings": warnings,
+    }
+    return SegmentationResult(labels, volumetry, details)
+
+
+def write_outputs(
+    result: SegmentationResult,
+    image: Image,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    label_format: str = "nifti",
+    per_lesion: bool = False,
+    title: str = "Liver and tumour segmentation",
+) -> Path:
+    """Write all outputs into ``out_dir`` atomically: the folder appears complete or not at all."""
+    from .mrml_nodes import write_segmentation
+    from .report import write_report
+
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        write_image(result.labels, tmp / LABELS_FILE[label_format])
+        write_segmentation(result.labels, tmp / SEGMENTATION_FILE, per_lesion=per_lesion, algorithm_name=result.details["bundle"])
+        write_volumetry(result.volumetry, tmp / VOLUMETRY_JSON, tmp / VOLUMETRY_CSV)
+        write_report(
+            tmp / REPORT_HTML, image.array, result.labels.array, image.geometry, result.volumetry,
+            title=title, details=result.details,
+        )
+        (tmp / RUN_JSON).write_text(json.dumps(result.details, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def _probability_map(labels: np.ndarray, probabilities: dict[int, float]) -> np.ndarray:
+    """float32 map holding each kept lesion's classifier probability on its voxels (0 elsewhere).
+
+    ``probabilities`` is keyed by the candidate's index in the original labelling; the kept lesions,
+    labelled again, come in the same order.
+    """
+    from scipy import ndimage
+
+    components, count = ndimage.label(labels == 2, structure=np.ones((3, 3, 3)))
+    values = np.zeros(count + 1, np.float32)
+    values[1:] = [probabilities[key] for key in sorted(probabilities)][:count]
+    return values[components]
+
+
+class _Timer:
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = time.perf_counter() - self.start
