@@ -1,0 +1,105 @@
+"""The ``livertumorseg-train`` command: model summaries, training, bundle export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from LiverTumorSegLib.errors import LiverTumorSegError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="livertumorseg-train", description="Train and export LiverTumorSeg models.")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    summary = commands.add_parser("summary", help="parameters per branch and FLOPs per slice")
+    summary.add_argument("--model", default="cascade")
+    summary.add_argument("--preset", default="lite", choices=("paper", "lite"))
+    summary.add_argument("--size", type=int, default=224, help="slice size for the FLOP count")
+    _ablation_flags(summary)
+    summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    summary.set_defaults(run=_summary)
+
+    train = commands.add_parser("train", help="train the cascade on a dataset (LiTS, MSD Task03 or 3D-IRCADb layout)",
+                                description="Runs under torchrun for DDP: torchrun --nproc_per_node N -m livertumorseg_training.cli train ...")
+    train.add_argument("--data", required=True, help="dataset folder")
+    train.add_argument("--out", required=True, help="run folder (checkpoints, history.jsonl, loss_curve.png)")
+    train.add_argument("--preset", default="lite", choices=("paper", "lite"))
+    _ablation_flags(train)
+    for name, kind, default, text in (
+        ("epochs", int, 160, "maximum epochs"), ("patience", int, 12, "early-stopping patience (epochs)"),
+        ("batch-size", int, None, "batch size (default: 24 for paper, 8 for lite)"), ("lr", float, 3e-4, "Adam learning rate"),
+        ("slices-per-volume", int, 25, "representative slices per volume"), ("tile", int, 224, "training tile size (multiple of 32)"),
+        ("folds", int, 5, "cross-validation folds (1: no test fold)"), ("fold", int, 0, "fold used as test set"),
+        ("validation-cases", int, 20, "validation cases drawn from the training pool"), ("seed", int, 0, "random seed"),
+        ("workers", int, 0, "data-loader worker processes"), ("max-steps-per-epoch", int, None, "cap steps per epoch"),
+        ("time-limit-minutes", float, None, "stop after the epoch that passes this time"),
+    ):
+        train.add_argument(f"--{name}", type=kind, default=default, help=text)
+    train.add_argument("--augment", action="store_true", help="intensity and noise augmentation (off in the paper)")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="write a model bundle from a checkpoint")
+    export.add_argument("--checkpoint", required=True, type=Path)
+    export.add_argument("--out", required=True, type=Path, help="bundle folder")
+    export.add_argument("--name", default="LiverTumorSeg")
+    export.add_argument("--version", default="0.1.0")
+    export.add_argument("--description", default="")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=_export)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except LiverTumorSegError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+def _ablation_flags(parser) -> None:
+    parser.add_argument("--no-dense-skips", action="store_true", help="plain U-Net skips (ablation)")
+    parser.add_argument("--no-subpixel", action="store_true", help="bilinear upsampling instead of pixel shuffle (ablation)")
+    parser.add_argument("--no-attention", action="store_true", help="no attention gates (ablation)")
+
+
+def _flags(args) -> dict:
+    return {"dense_skips": not args.no_dense_skips, "subpixel": not args.no_subpixel, "attention": not args.no_attention}
+
+
+def _summary(args) -> int:
+    from .model_summary import format_summary, summarize
+
+    result = summarize(args.model, args.preset, size=args.size, **_flags(args))
+    print(json.dumps(result, indent=2) if args.json else format_summary(result))
+    return 0
+
+
+def _train(args) -> int:
+    from .train import TrainConfig, train
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values.update(_flags(args))
+    if values.get("batch_size") is None:
+        values["batch_size"] = 24 if args.preset == "paper" else 8
+    values = {k: v for k, v in values.items() if v is not None}
+    result = train(TrainConfig(**values))
+    print(f"best epoch {result.best_epoch}, validation loss {result.best_validation_loss:.4f}; checkpoints in {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_bundle
+
+    bundle = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version,
+                           description=args.description, overwrite=args.overwrite)
+    print(f"bundle written: {bundle.path} ({', '.join(bundle.manifest['files'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Training data: finding cases in the supported layouts, reading them, and case-level splits.
+
+Layouts:
+- LiTS: ``volume-N.nii[.gz]`` + ``segmentation-N.nii[.gz]`` in one folder (our phantoms are written so too);
+- MSD Task03 Liver: ``imagesTr/liver_N.nii.gz`` + ``labelsTr/liver_N.nii.gz``;
+- 3D-IRCADb-01: one folder per patient with ``PATIENT_DICOM/`` and ``MASKS_DICOM/liver``,
+  ``MASKS_DICOM/livertumor01``, ``livertumor02``, … (DICOM series; masks are 0/255).
+Reading goes through the engine (``LiverTumorSegLib.image_io``), so training and inference read alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from LiverTumorSegLib.errors import InputError
+from LiverTumorSegLib.image_io import Image, read_image
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path  # file or DICOM folder
+    labels: tuple[Path, ...]  # one LiTS-style label map, or IRCADb liver mask + tumour masks
+    layout: str
+
+
+def find_cases(root: str | Path) -> list[Case]:
+    """All labelled cases under ``root``, sorted by id; the layout is recognised from the file names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"Dataset folder '{root}' does not exist.")
+    cases = _lits(root) or _msd(root) or _ircadb(root)
+    if not cases:
+        raise InputError(
+            f"No labelled cases found in '{root}'. Expected LiTS (volume-N.nii[.gz] + segmentation-N.nii[.gz]), "
+            "MSD Task03 (imagesTr/ + labelsTr/) or 3D-IRCADb-01 (*/PATIENT_DICOM + */MASKS_DICOM/liver) layout."
+        )
+    return cases
+
+
+def _natural(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _lits(root: Path) -> list[Case]:
+    cases = []
+    for volume in sorted(root.glob("volume-*.nii*"), key=lambda p: _natural(p.name)):
+        number = volume.name.split("-", 1)[1].split(".")[0]
+        label = next((p for p in (root / f"segmentation-{number}.nii.gz", root / f"segmentation-{number}.nii") if p.exists()), None)
+        if label is not None:
+            cases.append(Case(f"lits-{number}", volume, (label,), "lits"))
+    return cases
+
+
+def _msd(root: Path) -> list[Case]:
+    images, labels = root / "imagesTr", root / "labelsTr"
+    if not (images.is_dir() and labels.is_dir()):
+        return []
+    cases = []
+    for image in sorted(images.glob("*.nii*"), key=lambda p: _natural(p.name)):
+        if image.name.startswith("._"):  # macOS resource forks shipped in the MSD archives
+            continue
+        label = labels / image.name
+        if label.exists():
+            cases.append(Case(f"msd-{image.name.split('.')[0]}", image, (label,), "msd"))
+    return cases
+
+
+def _ircadb(root: Path) -> list[Case]:
+    patients = [root] if (root / "PATIENT_DICOM").is_dir() else sorted(
+        (p for p in root.iterdir() if (p / "PATIENT_DICOM").is_dir()), key=lambda p: _natural(p.name)
+    )
+    cases = []
+    for patient in patients:
+        masks = patient / "MASKS_DICOM"
+        liver = masks / "liver"
+        if not liver.is_dir():
+            continue
+        tumours = sorted((p for p in masks.iterdir() if p.is_dir() and p.name.startswith("livertumor")), key=lambda p: _natural(p.name))
+        cases.append(Case(f"ircadb-{patient.name}", patient / "PATIENT_DICOM", (liver, *tumours), "ircadb"))
+    return cases
+
+
+def load_case(case: Case) -> tuple[Image, np.ndarray]:
+    """The CT and its 0/1/2 label map (uint8) on the CT's grid."""
+    image = read_image(case.image)
+    if case.layout == "ircadb":
+        labels = np.zeros(image.array.shape, np.uint8)
+        for value, path in zip([1] + [2] * (len(case.labels) - 1), case.labels):
+            mask = read_image(path, kind="mask").array
+            _check_same_grid(image, mask, path)
+            labels[mask > 0] = value
+        return image, labels
+    labels = read_image(case.labels[0], kind="label map").array
+    _check_same_grid(image, labels, case.labels[0])
+    labels = np.rint(labels).astype(np.uint8)
+    if labels.max() > 2:
+        raise InputError(f"'{case.labels[0]}' has label values up to {labels.max()}; expected 0 background, 1 liver, 2 tumour.")
+    return image, labels
+
+
+def _check_same_grid(image: Image, labels: np.ndarray, path: Path) -> None:
+    if labels.shape != image.array.shape:
+        raise InputError(f"'{path}' has shape {labels.shape[::-1]} but its CT has {image.array.shape[::-1]}: they must share one grid.")
+
+
+def kfold_split(case_ids: list[str], folds: int, fold: int, validation: int, seed: int = 0) -> dict[str, list[str]]:
+    """Case-level split (paper §4.1): fold ``fold`` of ``folds`` is the test set; ``validation`` cases are
+    drawn once, with the seed, from the remaining training pool. Deterministic for a given seed."""
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1}")
+    order = np.random.default_rng(seed).permutation(len(case_ids))
+    ids = [case_ids[i] for i in order]
+    test = ids[fold::folds] if folds > 1 else []
+    pool = [i for i in ids if i not in set(test)]
+    if validation >= len(pool):
+        raise ValueError(f"{validation} validation cases requested but only {len(pool)} training cases are available")
+    return {"train": sorted(pool[validation:], key=_natural), "validation": sorted(pool[:validation], key=_natural),
+            "test": sorted(test, key=_natural)}

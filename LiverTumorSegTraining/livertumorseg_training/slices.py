@@ -1,0 +1,140 @@
+"""2.5D training samples: representative slices per volume (paper §4.1) and 224×224 tiles from them.
+
+Volumes are prepared with the engine's :func:`LiverTumorSegLib.preprocess.prepare_volume` — the same
+resampling, HU window and body crop as at inference — and stacked with the engine's ``slice_stacks``.
+
+Slice choice ("25 representative slices per volume based on liver coverage and presence of tumour"):
+about half of the liver slices chosen are tumour-bearing slices (evenly spread over them), the rest are
+spread evenly over the cumulative liver area (more slices where the liver is large), and a fifth of
+the budget goes to slices without liver, so that the liver branch, which runs on every slice at
+inference, also learns where the liver is not (lung bases, pelvis).
+
+Tiles: the paper crops 224×224 around the liver; we take the tile around the slice's liver centre with
+a random offset (±¼ tile) for most samples and anywhere in the body crop for the rest (see the field-of-view
+note in ``LiverTumorSegLib.preprocess``). Validation tiles are centred on the liver without offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from LiverTumorSegLib.image_io import Image, to_canonical
+from LiverTumorSegLib.preprocess import InputContract, prepare_volume, slice_stacks
+
+NON_LIVER_FRACTION = 0.2
+
+
+@dataclass
+class SliceSet:
+    """The selected slices of one case, on the engine's body crop."""
+
+    case_id: str
+    stacks: np.ndarray  # uint8 (n, channels, H, W)
+    labels: np.ndarray  # uint8 (n, H, W), 0/1/2
+    centres: np.ndarray  # float (n, 2): (y, x) liver centre of the slice, or of the nearest liver slice
+
+
+def select_slices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``count`` representative slices (fewer if the volume has fewer), sorted."""
+    area = (labels >= 1).reshape(labels.shape[0], -1).sum(axis=1)
+    tumour = (labels == 2).reshape(labels.shape[0], -1).any(axis=1)
+    liver_z, other_z = np.flatnonzero(area > 0), np.flatnonzero(area == 0)
+    if count >= labels.shape[0]:
+        return np.arange(labels.shape[0])
+    n_other = min(len(other_z), int(round(NON_LIVER_FRACTION * count)) if len(liver_z) else count)
+    n_liver = min(len(liver_z), count - n_other)
+    chosen: set[int] = set()
+    tumour_z = np.flatnonzero(tumour)
+    if len(tumour_z):
+        n_tumour = min(len(tumour_z), n_liver // 2)
+        chosen.update(tumour_z[np.unique(np.linspace(0, len(tumour_z) - 1, n_tumour).round().astype(int))].tolist())
+    remaining = np.array([z for z in liver_z if z not in chosen])
+    need = n_liver - len(chosen)
+    if need > 0 and len(remaining):
+        cumulative = np.cumsum(area[remaining]).astype(float)
+        targets = (np.arange(need) + 0.5) / need * cumulative[-1]
+        picks = np.searchsorted(cumulative, targets)
+        chosen.update(remaining[np.unique(np.clip(picks, 0, len(remaining) - 1))].tolist())
+    if n_other:
+        chosen.update(rng.choice(other_z, size=n_other, replace=False).tolist())
+    return np.array(sorted(chosen), dtype=int)
+
+
+def prepare_slices(case_id: str, image: Image, labels: np.ndarray, contract: InputContract, count: int, seed: int) -> SliceSet:
+    """Canonical orientation, engine preprocessing, slice selection and 2.5D stacks for one case."""
+    canonical, _ = to_canonical(image)
+    canonical_labels, _ = to_canonical(image.with_array(labels))
+    prepared = prepare_volume(canonical, contract, labels=canonical_labels.array)
+    z = select_slices(prepared.labels, count, np.random.default_rng(seed))
+    stacks = slice_stacks(prepared.intensities, z, contract.stack_offsets).astype(np.uint8)
+    return SliceSet(case_id, stacks, prepared.labels[z], _liver_centres(prepared.labels, z))
+
+
+def _liver_centres(labels: np.ndarray, z: np.ndarray) -> np.ndarray:
+    liver = labels >= 1
+    has = liver.reshape(liver.shape[0], -1).any(axis=1)
+    default = np.array(liver.shape[1:], float) / 2
+    if not has.any():
+        return np.tile(default, (len(z), 1))
+    liver_z = np.flatnonzero(has)
+    centres = []
+    for k in z:
+        nearest = liver_z[np.argmin(np.abs(liver_z - k))]
+        centres.append(ndimage.center_of_mass(liver[nearest]))
+    return np.asarray(centres, float)
+
+
+class TileSampler:
+    """Draws (stack, liver target, tumour target) tiles; deterministic in (seed, epoch, index)."""
+
+    def __init__(self, slice_sets: list[SliceSet], contract: InputContract, *, tile: int | None = None,
+                 liver_centred: float = 0.8, train: bool = True, augment: bool = False, seed: int = 0):
+        self.sets, self.contract = slice_sets, contract
+        self.tile = tile or contract.training_tile
+        self.liver_centred, self.train, self.augment, self.seed = liver_centred, train, augment, seed
+        self.index = [(s, k) for s, slice_set in enumerate(slice_sets) for k in range(len(slice_set.stacks))]
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, item: int):
+        s, k = self.index[item]
+        slice_set = self.sets[s]
+        rng = np.random.default_rng((self.seed, self.epoch, item))
+        height, width = slice_set.labels.shape[1:]
+        half = self.tile // 2
+        if not self.train:
+            cy, cx = slice_set.centres[k]
+        elif rng.random() < self.liver_centred:
+            cy, cx = slice_set.centres[k] + rng.uniform(-self.tile / 4, self.tile / 4, size=2)
+        else:
+            cy, cx = rng.uniform(half, max(half, height - half)), rng.uniform(half, max(half, width - half))
+        y0, x0 = int(round(cy)) - half, int(round(cx)) - half
+        stack = _window(slice_set.stacks[k], y0, x0, self.tile).astype(np.float32)
+        labels = _window(slice_set.labels[k][None], y0, x0, self.tile)[0]
+        if self.augment:
+            stack = self._augment(stack, rng)
+        return stack, (labels >= 1).astype(np.float32)[None], (labels == 2).astype(np.float32)[None]
+
+    def _augment(self, stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Scanner and contrast variation in HU space: gain ±10 %, offset ±15 HU, noise up to 10 HU."""
+        low, high = self.contract.hu_window
+        per_level = (high - low) / 255.0
+        hu = stack * per_level + low
+        hu = hu * rng.uniform(0.9, 1.1) + rng.uniform(-15, 15) + rng.normal(0, rng.uniform(0, 10), size=hu.shape)
+        return np.clip(np.rint((hu - low) / per_level), 0, 255).astype(np.float32)
+
+
+def _window(array: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:
+    """``array[:, y0:y0+size, x0:x0+size]`` with zero padding where the window leaves the array."""
+    out = np.zeros((array.shape[0], size, size), array.dtype)
+    ys, xs = slice(max(y0, 0), min(y0 + size, array.shape[1])), slice(max(x0, 0), min(x0 + size, array.shape[2]))
+    out[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0] = array[:, ys, xs]
+    return out

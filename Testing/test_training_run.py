@@ -1,0 +1,97 @@
+"""Training end to end at a tiny scale: train, resume, DDP on two CPU processes, export, run in the engine."""
+
+import hashlib
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from LiverTumorSegLib.bundle import load_bundle
+from LiverTumorSegLib.cascade import run_cascade
+from LiverTumorSegLib.image_io import Image, write_image
+from LiverTumorSegLib.preprocess import prepare_volume, slice_stacks
+from livertumorseg_training.export import export_bundle, load_checkpoint
+from livertumorseg_training.train import TrainConfig, train
+
+from test_training_data import GEOMETRY, _case
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lits")
+    for n in range(4):
+        ct, labels = _case(n)
+        write_image(Image(ct, GEOMETRY), root / f"volume-{n}.nii.gz")
+        write_image(Image(labels, GEOMETRY), root / f"segmentation-{n}.nii.gz")
+    return root
+
+
+def _config(dataset, out, **overrides):
+    values = dict(data=str(dataset), out=str(out), epochs=2, batch_size=4, slices_per_volume=4, tile=64, folds=1,
+                  validation_cases=1, patience=5, seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_train_resume_export_and_run_in_engine(dataset, tmp_path):
+    torch.set_num_threads(1)
+    result = train(_config(dataset, tmp_path / "run"), log=lambda *_: None)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["validation_loss"]) for h in history)
+    assert history[1]["lr"] < 3e-4  # the decay is applied per step
+    for name in ("best.pt", "last.pt", "loss_curve.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert len(result.split["validation"]) == 1 and len(result.split["train"]) == 3
+
+    resumed = train(_config(dataset, tmp_path / "run", epochs=3, resume=True), log=lambda *_: None)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+    bundle = export_bundle(tmp_path / "run" / "best.pt", tmp_path / "bundle", name="tiny", version="0")
+    assert load_bundle(bundle.path).manifest["training"]["split"]["train"] == result.split["train"]
+    assert max(bundle.manifest["onnx_max_abs_difference"].values()) < 1e-4
+
+    # The engine's ONNX Runtime path gives the torch model's probabilities on the same prepared volume.
+    ct, _ = _case(9)
+    prepared = prepare_volume(Image(ct, GEOMETRY), bundle.contract)
+    liver, tumour = run_cascade(prepared, bundle, threads=1)
+    model, _ = load_checkpoint(tmp_path / "run" / "best.pt")
+    with torch.no_grad():
+        stacks = torch.from_numpy(slice_stacks(prepared.intensities, np.arange(prepared.intensities.shape[0])))
+        torch_liver = torch.sigmoid(model.liver(stacks))[:, 0].numpy()
+    assert np.abs(torch_liver - liver).max() < 1e-4
+    assert tumour.shape == liver.shape and np.isfinite(tumour).all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, dataset, out, digests):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(_config(dataset, out, epochs=1, max_steps_per_epoch=2, seed=5), log=lambda *_: None)
+    digest = hashlib.sha256()
+    for name, parameter in sorted(result.model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().cpu().numpy().tobytes())
+    digests[rank] = digest.hexdigest()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_end_with_identical_weights(dataset, tmp_path):
+    """Two gloo processes train a few steps; DDP keeps their parameters identical (BatchNorm running
+    statistics are per process, as in any DDP run without SyncBatchNorm)."""
+    manager = mp.Manager()
+    digests = manager.dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(dataset), str(tmp_path / "ddp"), digests), nprocs=2, join=True)
+    assert len(digests) == 2 and digests[0] == digests[1]
+    history = (tmp_path / "ddp" / "history.jsonl").read_text().splitlines()
+    assert len(history) == 1  # only rank 0 writes the log
