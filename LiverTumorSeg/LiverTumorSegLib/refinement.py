@@ -1,0 +1,252 @@
+"""Boundary refinement stage (paper §3.3.3): a 3D patch CNN relabels the voxels of a narrow band around
+each tumour, evaluated densely.
+
+Band. For the tumour mask ``T`` on the processing grid, the signed distance ``d`` of a voxel is its
+Euclidean distance to the nearest voxel of the other class (tumour → nearest non-tumour, non-tumour →
+nearest tumour), negative inside the tumour, measured with the voxel spacing and expressed **in units of
+the in-plane voxel spacing** (the paper's "6 pixels"; on the 1 mm in-plane processing grid that is 6 mm in
+every direction, i.e. about 2.4 slices at 2.5 mm slice spacing). The band is ``Γ = {|d| ≤ 6}``. Inside the
+band, tumour voxels are the classifier's positive class and non-tumour voxels its negative class (training,
+``livertumorseg_training.boundary_training``, uses these same functions).
+
+Dense evaluation. The bundle's ``boundary_cnn`` component is the patch classifier rewritten as a fully
+convolutional network (unpadded convolutions, receptive field = patch size ``s``): on an input box of
+shape (D, H, W) it returns the probability for every voxel of the inner box (D−s+1, H−s+1, W−s+1), each
+being the classifier applied to the s³ block centred there. Boxes are taken around the tumours, padded
+by (s−1)/2 voxels on every side **with edge replication** (voxels beyond the array repeat the nearest edge
+voxel; training extracts its patches the same way), and evaluated tile by tile (at most
+``tile`` output voxels per axis, default 16×48×48) so that memory stays bounded; each tile is shrunk to the
+bounding box of the band voxels in it that could change, and tiles without any are skipped, so the interior
+of a large tumour and the corners of a box cost (almost) nothing.
+
+Boxes. Each 26-connected tumour component gets the box of its voxels grown by the band width (in voxels
+of each axis) plus one. Boxes that overlap are merged into their common bounding box until none overlap,
+so no voxel is evaluated twice, and any voxel within the band of a tumour lies in that tumour's merged box,
+which holds every tumour voxel that can influence its distance: the band computed per box equals the
+band of the whole mask.
+
+Relabelling. Only band voxels inside the liver (label 1 or 2) can change: probability ≥ threshold (0.5,
+from the manifest) → tumour (2), otherwise liver (1). Voxels outside the liver never become tumour, and a
+voxel leaving the tumour stays liver, so tumour ⊂ liver is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import BundleError, Cancelled, InputError
+
+STAGE = "boundary refinement"
+COMPONENT = "boundary_cnn"
+#: Half-width of the band, in in-plane voxels (paper: 6 pixels).
+BAND_VOXELS = 6.0
+#: How input boxes are extended beyond the array (shared with training's patch extraction).
+PADDING = "edge"
+DEFAULT_THRESHOLD = 0.5
+#: Largest output tile (z, y, x) evaluated in one ONNX Runtime call.
+DEFAULT_TILE = (16, 48, 48)
+
+Progress = Callable[[str, float], None]
+Cancel = Callable[[], bool]
+
+
+# ------------------------------------------------------------------------------------------ band geometry
+
+
+def in_plane_unit(spacing_xyz) -> float:
+    """The distance unit of the band: the in-plane voxel spacing (mean of x and y) in mm."""
+    return 0.5 * (float(spacing_xyz[0]) + float(spacing_xyz[1]))
+
+
+def sampling_zyx(spacing_xyz) -> tuple[float, float, float]:
+    """Voxel spacing along (z, y, x) in units of the in-plane spacing."""
+    unit = in_plane_unit(spacing_xyz)
+    return float(spacing_xyz[2]) / unit, float(spacing_xyz[1]) / unit, float(spacing_xyz[0]) / unit
+
+
+def signed_distance(mask: np.ndarray, spacing_xyz) -> np.ndarray:
+    """Signed Euclidean distance (float32, in in-plane voxel units): inside the mask minus the distance to
+    the nearest voxel outside it, outside the distance to the nearest mask voxel. Voxels at the array's
+    border are not treated as next to a boundary (the array's edge is not the mask's edge)."""
+    mask = np.asarray(mask, dtype=bool)
+    sampling = sampling_zyx(spacing_xyz)
+    out = np.empty(mask.shape, np.float32)
+    if mask.all():
+        out[:] = -np.inf
+        return out
+    if not mask.any():
+        out[:] = np.inf
+        return out
+    inside = ndimage.distance_transform_edt(mask, sampling=sampling)
+    outside = ndimage.distance_transform_edt(~mask, sampling=sampling)
+    np.subtract(outside, inside, out=out, casting="same_kind")
+    return out
+
+
+def boundary_band(mask: np.ndarray, spacing_xyz, band: float = BAND_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+    """(band mask ``|d| ≤ band``, signed distance ``d``) of a binary mask."""
+    d = signed_distance(mask, spacing_xyz)
+    return np.abs(d) <= band, d
+
+
+def band_margin_zyx(spacing_xyz, band: float = BAND_VOXELS) -> tuple[int, int, int]:
+    """Voxels per axis (z, y, x) that hold every band voxel of a mask around its bounding box, plus one."""
+    return tuple(int(math.ceil(band / step - 1e-9)) + 1 for step in sampling_zyx(spacing_xyz))
+
+
+def crop_edge(volume: np.ndarray, start, stop) -> np.ndarray:
+    """``volume[start:stop]`` on each axis, where the range may pass the array's edges; outside, the nearest
+    edge voxel is repeated (edge replication)."""
+    index = [np.clip(np.arange(a, b), 0, n - 1) for a, b, n in zip(start, stop, volume.shape)]
+    return volume[np.ix_(*index)]
+
+
+def tumour_boxes(tumour: np.ndarray, spacing_xyz, band: float = BAND_VOXELS) -> tuple[list[tuple], int]:
+    """Merged, non-overlapping boxes (start, stop) around the 26-connected tumour components and their
+    bands, clipped to the array; and the number of components."""
+    components, count = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
+    margin = band_margin_zyx(spacing_xyz, band)
+    boxes = []
+    for found in ndimage.find_objects(components):
+        if found is not None:
+            boxes.append((tuple(max(s.start - m, 0) for s, m in zip(found, margin)),
+                          tuple(min(s.stop + m, n) for s, m, n in zip(found, margin, tumour.shape))))
+    changed = True
+    while changed:  # passes of greedy merging until no two boxes overlap
+        changed = False
+        merged: list = []
+        for start, stop in boxes:
+            for k, (other_start, other_stop) in enumerate(merged):
+                if all(a < d and c < b for a, b, c, d in zip(start, stop, other_start, other_stop)):
+                    merged[k] = (tuple(map(min, start, other_start)), tuple(map(max, stop, other_stop)))
+                    changed = True
+                    break
+            else:
+                merged.append((start, stop))
+        boxes = merged
+    return [(tuple(int(v) for v in a), tuple(int(v) for v in b)) for a, b in boxes], count
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def refine_boundaries(
+    intensities: np.ndarray,
+    labels: np.ndarray,
+    spacing_xyz: tuple,
+    bundle,
+    *,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    progress: Optional[Progress] = None,
+    cancel: Optional[Cancel] = None,
+    tile: tuple[int, int, int] = DEFAULT_TILE,
+) -> tuple[np.ndarray, dict]:
+    """Relabel the band voxels of every tumour with the bundle's dense boundary CNN.
+
+    ``intensities``: uint8 (z, y, x) on the processing grid (the preprocessed CT); ``labels``: 0/1/2 on the
+    same grid; ``spacing_xyz``: its voxel spacing in mm. Returns the new label map (a copy) and a dict with
+    the numbers of components, boxes, tiles, band voxels, changed (added / removed) voxels, and the time
+    taken in total and inside ONNX Runtime.
+    """
+    started = time.perf_counter()
+    if intensities.shape != labels.shape or intensities.ndim != 3:
+        raise InputError(f"boundary refinement: intensities {intensities.shape} and labels {labels.shape} must be "
+                         "the same 3D grid")
+    if intensities.dtype != np.uint8:
+        raise InputError(f"boundary refinement expects the 8-bit preprocessed intensities, got {intensities.dtype}")
+    entry = bundle.component(COMPONENT)
+    try:
+        patch = int(entry["patch_size"])
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(f"Bundle '{bundle.path}': the {COMPONENT} component has no patch_size. Export it again.") from None
+    if patch < 1 or patch % 2 == 0:
+        raise BundleError(f"Bundle '{bundle.path}': {COMPONENT} patch_size {patch} must be odd.")
+    band = float(entry.get("band_voxels", BAND_VOXELS))
+    threshold = float(entry.get("threshold", DEFAULT_THRESHOLD))
+    half = (patch - 1) // 2
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise Cancelled("Segmentation cancelled; nothing was written.")
+
+    check_cancel()
+    out = labels.copy()
+    tumour = labels == 2
+    info = {"components": 0, "boxes": 0, "tiles": 0, "band_voxels": 0, "candidate_voxels": 0, "changed_voxels": 0,
+            "added_voxels": 0, "removed_voxels": 0, "patch_size": patch, "band_width": band, "threshold": threshold,
+            "network_seconds": 0.0}
+    if not tumour.any():
+        info["seconds"] = round(time.perf_counter() - started, 3)
+        return out, info
+
+    boxes, info["components"] = tumour_boxes(tumour, spacing_xyz, band)
+    info["boxes"] = len(boxes)
+    work = []  # (box start, box slices, candidate voxels, tiles holding candidates)
+    for start, stop in boxes:
+        region = tuple(slice(a, b) for a, b in zip(start, stop))
+        in_band, _ = boundary_band(tumour[region], spacing_xyz, band)
+        candidates = in_band & (labels[region] > 0)
+        info["band_voxels"] += int(in_band.sum())
+        info["candidate_voxels"] += int(candidates.sum())
+        tiles = []
+        shape = candidates.shape
+        steps = [max(1, min(int(t), n)) for t, n in zip(tile, shape)]
+        for z in range(0, shape[0], steps[0]):
+            for y in range(0, shape[1], steps[1]):
+                for x in range(0, shape[2], steps[2]):
+                    t0 = (z, y, x)
+                    t1 = tuple(min(a + s, n) for a, s, n in zip(t0, steps, shape))
+                    found = np.nonzero(candidates[t0[0]:t1[0], t0[1]:t1[1], t0[2]:t1[2]])
+                    if len(found[0]):  # evaluate the candidates' bounding box within the tile only
+                        tiles.append((tuple(a + int(f.min()) for a, f in zip(t0, found)),
+                                      tuple(a + int(f.max()) + 1 for a, f in zip(t0, found))))
+        work.append((start, region, candidates, tiles))
+        check_cancel()
+    total = sum(len(w[3]) for w in work)
+    info["tiles"] = total
+    network_seconds = 0.0
+    if progress is not None:
+        progress(STAGE, 0.0)
+    if total:
+        session = bundle.session(COMPONENT, device=device, threads=threads)
+        input_name = session.get_inputs()[0].name
+        done = 0
+        for start, region, candidates, tiles in work:
+            box_labels = out[region]  # a view: written in place
+            for t0, t1 in tiles:
+                check_cancel()
+                lo = [s + a - half for s, a in zip(start, t0)]
+                hi = [s + b + half for s, b in zip(start, t1)]
+                block = crop_edge(intensities, lo, hi).astype(np.float32)[None, None]
+                tic = time.perf_counter()
+                prob = session.run(None, {input_name: block})[0]
+                network_seconds += time.perf_counter() - tic
+                expected = tuple(b - a for a, b in zip(t0, t1))
+                if prob.shape[-3:] != expected:
+                    raise BundleError(
+                        f"Bundle '{bundle.path}': the {COMPONENT} network returned {prob.shape[-3:]} for an input of "
+                        f"{block.shape[-3:]}; with patch_size {patch} it must return {expected}. Export it again."
+                    )
+                sub = tuple(slice(a, b) for a, b in zip(t0, t1))
+                cand = candidates[sub]
+                new = np.where(prob[0, 0] >= threshold, np.uint8(2), np.uint8(1))
+                old = box_labels[sub]
+                changed = cand & (new != old)
+                info["added_voxels"] += int((changed & (new == 2)).sum())
+                info["removed_voxels"] += int((changed & (new == 1)).sum())
+                old[cand] = new[cand]
+                done += 1
+                if progress is not None:
+                    progress(STAGE, done / total)
+    info["changed_voxels"] = info["added_voxels"] + info["removed_voxels"]
+    info["network_seconds"] = round(network_seconds, 3)
+    if progress is not None:
+        progress(STAGE, 1.0)
+    info["seconds"] = round(time.perf_counter() - started, 3)
+    return out, info
