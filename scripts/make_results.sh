@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Generate docs/RESULTS.md (all evaluation tables) and docs/results/ (per-case and per-table CSVs, figures)
+# from the trained model bundles, with one command:
+#
+#     scripts/make_results.sh
+#
+# Run it after the models are trained and exported (livertumorseg-train train / export, plus the lesion
+# classifier and boundary CNN added to the full bundle). It evaluates the held-out cases that the full
+# bundle's manifest records as its test split, on the data set the bundle was trained on, so no training
+# case is scored. Paths can be changed through the environment:
+#
+#   DATA               labelled data set the full bundle was trained on     [runs/data]
+#   FULL               the full pipeline bundle (first column of Table 4)   [runs/full/bundle]
+#   ABLATION_BASELINE  trained with --no-dense-skips --no-subpixel --no-attention  [runs/ablation-baseline/bundle]
+#   ABLATION_DENSE     trained with --no-attention                          [runs/ablation-dense/bundle]
+#   HDENSEUNET, E2NET, UNET3D  comparison-method bundles                    [runs/hdenseunet/bundle, ...]
+#   SPLIT              split of the full bundle's manifest to evaluate; SPLIT= (empty): all cases  [test]
+#   WORKERS            worker processes, one case each                      [number of CPUs]
+#   BIN                folder with the livertumorseg-train command          [.venv/bin]
+#
+# A bundle folder that does not exist is reported as "not trained" in the tables: no number is invented.
+# The output is deterministic for given bundles, data and split.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=${BIN:-.venv/bin}
+DATA=${DATA:-runs/data}
+FULL=${FULL:-runs/full/bundle}
+ABLATION_BASELINE=${ABLATION_BASELINE:-runs/ablation-baseline/bundle}
+ABLATION_DENSE=${ABLATION_DENSE:-runs/ablation-dense/bundle}
+HDENSEUNET=${HDENSEUNET:-runs/hdenseunet/bundle}
+E2NET=${E2NET:-runs/e2net/bundle}
+UNET3D=${UNET3D:-runs/unet3d/bundle}
+SPLIT=${SPLIT-test}
+WORKERS=${WORKERS:-$(nproc)}
+
+if [ ! -f "$FULL/manifest.json" ]; then
+  echo "error: no full pipeline bundle at '$FULL'. Train and export it first, or set FULL=path/to/bundle." >&2
+  exit 4
+fi
+if [ ! -d "$DATA" ]; then
+  echo "error: data set '$DATA' not found. Set DATA to the folder the full bundle was trained on." >&2
+  exit 2
+fi
+
+"$BIN/livertumorseg-train" evaluate \
+  --bundle "proposed=$FULL" \
+  --bundle "H-DenseUNet=$HDENSEUNET" \
+  --bundle "E2Net=$E2NET" \
+  --bundle "3D-U-Net=$UNET3D" \
+  --ablation-baseline "$ABLATION_BASELINE" \
+  --ablation-dense "$ABLATION_DENSE" \
+  --data "$DATA" \
+  ${SPLIT:+--split "$SPLIT"} \
+  --out docs/results \
+  --results-md docs/RESULTS.md \
+  --workers "$WORKERS" \
+  --seed 0 \
+  --overwrite
