@@ -39,3 +39,4 @@ def build_model(name: str = "cascade", preset: str = "lite", **flags) -> nn.Modu
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}") from None
     return factory(preset=preset, **flags)
+from . import baselines  # noqa: E402,F401  (registers the seed baselines)
