@@ -53,6 +53,35 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=_export)
 
+    classifier = commands.add_parser("lesion-classifier", help="train the radiomics lesion classifier and add it to a bundle")
+    classifier.add_argument("--data", required=True, help="dataset folder (training cases)")
+    classifier.add_argument("--bundle", required=True, type=Path, help="bundle with the cascade; the classifier is added to it")
+    classifier.add_argument("--out", required=True, type=Path, help="run folder (samples, Table 1, summary)")
+    classifier.add_argument("--cases", nargs="*", default=None, help="training case ids (default: the bundle's training split, else all)")
+    classifier.add_argument("--no-cascade-false-positives", action="store_true", help="negatives from sampling only")
+    classifier.add_argument("--negative-ratio", type=float, default=1.0)
+    classifier.add_argument("--threads", type=int, default=1)
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.set_defaults(run=_lesion_classifier)
+
+    boundary = commands.add_parser("boundary-cnn", help="train the 3D boundary CNN and add it to a bundle")
+    boundary.add_argument("--data", required=True)
+    boundary.add_argument("--bundle", required=True, type=Path, help="bundle the boundary CNN is added to")
+    boundary.add_argument("--out", required=True, type=Path)
+    boundary.add_argument("--preset", default="lite", choices=("paper", "lite"))
+    boundary.add_argument("--patch", type=int, default=11, choices=(9, 11, 13, 15))
+    boundary.add_argument("--cases", nargs="*", default=None, help="training case ids (default: the bundle's training split)")
+    boundary.add_argument("--samples-per-class", type=int, default=None)
+    boundary.add_argument("--time-limit-minutes", type=float, default=None)
+    boundary.add_argument("--seed", type=int, default=0)
+    boundary.set_defaults(run=_boundary_cnn)
+
+    from .evaluation import add_evaluate_arguments, run_evaluate
+
+    add_evaluate_arguments(
+        commands.add_parser("evaluate", help="the paper's evaluation tables (RESULTS.md, CSVs, figures) from one command")
+    ).set_defaults(run=run_evaluate)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
@@ -98,6 +127,46 @@ def _export(args) -> int:
     bundle = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version,
                            description=args.description, overwrite=args.overwrite)
     print(f"bundle written: {bundle.path} ({', '.join(bundle.manifest['files'])})")
+    return 0
+
+
+def _training_cases(args) -> list[str] | None:
+    """Explicit --cases, else the bundle's recorded training and validation cases (never its test cases)."""
+    if args.cases:
+        return args.cases
+    from LiverTumorSegLib.bundle import load_bundle
+
+    split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
+    cases = list(split.get("train", [])) + list(split.get("validation", []))
+    return cases or None
+
+
+def _lesion_classifier(args) -> int:
+    from .lesion_classifier import train_lesion_classifier
+
+    summary = train_lesion_classifier(
+        args.data, args.bundle, cases=_training_cases(args), seed=args.seed,
+        use_cascade_false_positives=not args.no_cascade_false_positives, out_dir=args.out,
+        negative_ratio=args.negative_ratio, threads=args.threads,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _boundary_cnn(args) -> int:
+    from LiverTumorSegLib.bundle import load_bundle
+
+    from .boundary_training import export_boundary_cnn, train_boundary_cnn
+
+    split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
+    cases = args.cases or list(split.get("train", [])) or None
+    validation = None if args.cases else (list(split.get("validation", [])) or None)
+    result = train_boundary_cnn(
+        args.data, args.out, preset=args.preset, patch=args.patch, samples_per_class=args.samples_per_class,
+        cases=cases, validation_cases=validation, seed=args.seed, time_limit_minutes=args.time_limit_minutes,
+    )
+    bundle = export_boundary_cnn(result, args.bundle)
+    print(f"boundary CNN: validation accuracy {result.validation_accuracy:.3f}; added to {bundle.path}")
     return 0
 
 
