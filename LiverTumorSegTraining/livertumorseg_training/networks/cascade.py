@@ -289,8 +289,10 @@ class AttentionDenseUNet(nn.Module):
         subpixel: bool = True,
         attention: bool = True,
         input_scale: Optional[Sequence[float]] = None,
+        prior_probability: float = 0.5,
     ):
         super().__init__()
+        self.prior_probability = float(prior_probability)
         cfg = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
         self.preset_name = preset if isinstance(preset, str) else "custom"
         self.config = cfg
@@ -383,7 +385,10 @@ class AttentionDenseUNet(nn.Module):
             if isinstance(m, SubPixelUp):
                 _icnr_(m.conv.weight, 2)
         nn.init.normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        # The output starts at the class's prior probability (Lin et al., focal loss): with a bias of 0 every
+        # pixel starts at p = 0.5 and the first thousand steps are spent pulling the background down.
+        p = self.prior_probability
+        nn.init.constant_(self.head.bias, math.log(p / (1.0 - p)))
 
     # ------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -457,8 +462,9 @@ class CascadeNet(nn.Module):
         flags = dict(dense_skips=dense_skips, subpixel=subpixel, attention=attention)
         self.preset_name = preset if isinstance(preset, str) else "custom"
         self.flags = flags
-        self.liver = AttentionDenseUNet(3, preset, input_scale=(1 / 255.0,) * 3, **flags)
-        self.tumor = AttentionDenseUNet(4, preset, input_scale=(1 / 255.0,) * 3 + (1.0,), **flags)
+        # Priors: the liver fills about a tenth of a training tile, tumour about a hundredth.
+        self.liver = AttentionDenseUNet(3, preset, input_scale=(1 / 255.0,) * 3, prior_probability=0.1, **flags)
+        self.tumor = AttentionDenseUNet(4, preset, input_scale=(1 / 255.0,) * 3 + (1.0,), prior_probability=0.01, **flags)
 
     def forward(self, stack: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         liver_logit = self.liver(stack)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Rebuild the bundled demo model (LiverTumorSeg/Resources/Models/LiverTumorSeg-demo) from scratch:
+# synthetic phantoms → lite cascade → radiomics lesion classifier → boundary CNN. CPU only, about an hour
+# on 2 cores. Everything is seeded; run from the repository root after the README's test set-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+RUNS=${RUNS:-runs}
+BUNDLE=LiverTumorSeg/Resources/Models/LiverTumorSeg-demo
+
+# 48 full-size training phantoms (8 of them drawn for validation) and 10 held-out test phantoms.
+"$BIN/livertumorseg" phantom --out "$RUNS/phantoms-train" --count 48 --size full --seed 1000
+"$BIN/livertumorseg" phantom --out "$RUNS/phantoms-test" --count 10 --size full --seed 9000
+
+# The cascade: lite preset, intensity/noise augmentation (the phantoms are the only data), 40 minutes.
+"$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" --out "$RUNS/demo" --preset lite --folds 1 \
+  --validation-cases 8 --augment --batch-size 8 --time-limit-minutes 45 --seed 0
+"$BIN/livertumorseg-train" export --checkpoint "$RUNS/demo/best.pt" --out "$BUNDLE" --overwrite \
+  --name LiverTumorSeg-demo --version 0.1.0 \
+  --description "Demonstration model trained on synthetic CT phantoms only; not for clinical use."
+
+# The radiomics lesion classifier and the boundary CNN, trained on the same training cases.
+"$BIN/livertumorseg-train" lesion-classifier --data "$RUNS/phantoms-train" --bundle "$BUNDLE" --out "$RUNS/lesion-classifier"
+"$BIN/livertumorseg-train" boundary-cnn --data "$RUNS/phantoms-train" --bundle "$BUNDLE" --out "$RUNS/boundary-cnn"
