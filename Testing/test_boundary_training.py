@@ -287,7 +287,7 @@ def test_studies_write_tables(lits, tmp_path):
     arch = architecture_study(lits, patch=9, out_dir=tmp_path / "arch", **options)
     assert [r["model"] for r in arch] == ["alexnet3d", "resnet3d"]
     table = write_study_table(rows + arch, tmp_path / "table3.md", title="Patch size")
-    text = table.read_text()
+    text = table.read_text(encoding="utf-8")
     assert text.startswith("# Patch size") and "| model | patch | accuracy |" in text and text.count("\n| ") == 5
-    assert (tmp_path / "table3.csv").read_text().splitlines()[0].startswith("model,patch,accuracy")
-    assert json.loads((tmp_path / "patch" / "patch9" / "boundary_cnn_history.json").read_text())["config"]["patch_size"] == 9
+    assert (tmp_path / "table3.csv").read_text(encoding="utf-8").splitlines()[0].startswith("model,patch,accuracy")
+    assert json.loads((tmp_path / "patch" / "patch9" / "boundary_cnn_history.json").read_text(encoding="utf-8"))["config"]["patch_size"] == 9

@@ -74,7 +74,7 @@ def test_missing_file_is_refused(bundle_dir):
     ],
 )
 def test_bad_manifests_are_refused(bundle_dir, change, message):
-    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
     change(manifest)
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=message):

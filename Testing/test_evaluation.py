@@ -116,7 +116,7 @@ def evaluated(workspace):
 
 def test_results_markdown_has_every_table(evaluated, workspace):
     out, md = evaluated
-    text = (out / "RESULTS.md").read_text()
+    text = (out / "RESULTS.md").read_text(encoding="utf-8")
     for heading in ("## Bundles", "## Method comparison (Table 4)", "## Ablation (Table 5)", "(Table 6)",
                     "## Robustness (§4.8)", "## Examples", "## Definitions"):
         assert heading in text
@@ -134,7 +134,7 @@ def test_results_markdown_has_every_table(evaluated, workspace):
     for name in ("dice_boxplot", "size_stratified", "robustness", "overlay_best", "overlay_median", "overlay_worst"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
         assert f"(figures/{name}.png)" in text
-    copy = md.read_text()
+    copy = md.read_text(encoding="utf-8")
     assert "(../results/figures/dice_boxplot.png)" in copy
     assert copy.replace("../results/figures/", "figures/") == text
 
@@ -203,7 +203,7 @@ def test_parallel_workers_give_identical_numbers(evaluated, workspace):
     assert [r["case"] for r in parallel] == ["lits-0", "lits-2"]
     for row in parallel:
         assert row == serial[(row["case"], row["run"])]
-    assert "Ablation" not in (w["root"] / "parallel" / "RESULTS.md").read_text()
+    assert "Ablation" not in (w["root"] / "parallel" / "RESULTS.md").read_text(encoding="utf-8")
 
 
 def test_perturbations_are_defined_and_seeded():

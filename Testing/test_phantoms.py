@@ -256,7 +256,7 @@ def test_write_dataset_in_lits_layout(tmp_path):
         assert np.array_equal(seg.array, ph.label) and seg.array.dtype == np.uint8
         np.testing.assert_allclose(volume.geometry.spacing, ph.image.geometry.spacing, rtol=1e-6)
         np.testing.assert_allclose(seg.geometry.origin, ph.image.geometry.origin, atol=1e-4)
-        side = json.loads((out / f"volume-{i}.json").read_text())
+        side = json.loads((out / f"volume-{i}.json").read_text(encoding="utf-8"))
         assert side["meta"]["seed"] == case_seed(3, i) and side["case"] == i
         assert side["tumours"] == json.loads(json.dumps(ph.tumours))
     assert case_seed(3, 0) != case_seed(3, 1) and case_seed(3, 0) == case_seed(3, 0)

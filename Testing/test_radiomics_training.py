@@ -237,7 +237,7 @@ def test_table1_and_tau(tmp_path):
     assert list(results) == ["Random Forest", "SVM (RBF kernel)", "SVM (linear kernel)", "Logistic Regression"]
     for r in results.values():
         assert 0 <= r["accuracy_mean"] <= 1 and 0 <= r["auc_mean"] <= 1 and r["folds"] == 5
-    text = lc.write_table1(results, tmp_path / "table1.md").read_text()
+    text = lc.write_table1(results, tmp_path / "table1.md").read_text(encoding="utf-8")
     assert "| Random Forest | n_trees = 350" in text and "C = 0.2, γ = 0.4" in text
     tau, metrics = lc.choose_tau(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.6, 0.9]))
     assert tau == pytest.approx(0.45) and metrics["youden_j"] == 1.0 and metrics["accuracy"] == 1.0
@@ -303,7 +303,7 @@ def test_classifier_component_in_a_bundle(tmp_path, scene):
     p = classifier.predict(features)
     assert p[0] > 0.5 > p[1] and np.isfinite(p[2])
     # A classifier trained with other extraction settings is refused.
-    meta = json.loads(json_path.read_text())
+    meta = json.loads(json_path.read_text(encoding="utf-8"))
     meta["settings"]["boundary_band_mm"] = 3.0
     json_path.write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="other radiomic feature settings"):
@@ -349,5 +349,5 @@ def test_train_lesion_classifier_end_to_end(tmp_path):
     bundle = load_bundle(bundle_dir)
     classifier = rf.LesionClassifier.from_bundle(bundle)
     assert classifier.feature_names == summary["selected_features"] and 0 <= classifier.tau <= 1
-    meta = json.loads((bundle.path / lc.JSON_FILE).read_text())
+    meta = json.loads((bundle.path / lc.JSON_FILE).read_text(encoding="utf-8"))
     assert meta["settings"] == rf.feature_settings() and meta["samples"]["total"] == samples["total"]

@@ -36,7 +36,9 @@ def marker_case():
 
 def test_report_contains_values_details_note_and_valid_pngs(tmp_path):
     ct, labels, geometry = marker_case()
-    volumetry = measure(labels, ct, geometry, probabilities={1: 0.87})
+    probability = np.zeros(labels.shape, np.float32)
+    probability[13:17, 26:32, 8:14] = 0.87  # the larger lesion's classifier probability
+    volumetry = measure(labels, ct, geometry, probability_map=probability)
     out = tmp_path / "report" / "case <1>.html"
     details = {"model bundle": "demo-phantom 0.1.0", "stages": ["postprocess", "volumetry"],
                "timings (s)": {"postprocess": 1.23456, "volumetry": 0.5}}
@@ -108,7 +110,7 @@ def test_report_refuses_overwrite(tmp_path):
     out.write_text("previous")
     with pytest.raises(OutputError, match="already exists"):
         write_report(out, ct, labels, geometry, volumetry, title="t", details={})
-    assert out.read_text() == "previous"
+    assert out.read_text(encoding="utf-8") == "previous"
     write_report(out, ct, labels, geometry, volumetry, title="t", details={}, overwrite=True)
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

@@ -149,7 +149,7 @@ def test_write_volumetry_json_csv_and_refuse_overwrite(tmp_path):
     result = measure(labels, hu, Geometry((1.0, 1.0, 2.0), (0, 0, 0), IDENTITY), probability_map=probability)
     json_path, csv_path = tmp_path / "out" / "volumetry.json", tmp_path / "out" / "volumetry.csv"
     assert write_volumetry(result, json_path, csv_path, overwrite=False) == [json_path, csv_path]
-    assert json.loads(json_path.read_text()) == result
+    assert json.loads(json_path.read_text(encoding="utf-8")) == result
     with csv_path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0].keys()) == CSV_COLUMNS
@@ -161,11 +161,11 @@ def test_write_volumetry_json_csv_and_refuse_overwrite(tmp_path):
     assert float(rows[2]["probability"]) == pytest.approx(0.9) and rows[3]["probability"] == ""
     assert int(rows[3]["first_slice"]) == 2 and int(rows[3]["last_slice"]) == 3
 
-    before = (json_path.read_text(), csv_path.read_text())
+    before = (json_path.read_text(encoding="utf-8"), csv_path.read_text(encoding="utf-8"))
     with pytest.raises(OutputError, match="already exist"):
         write_volumetry({**result, "lesion_count": 99}, json_path, tmp_path / "out" / "other.csv", overwrite=False)
     assert not (tmp_path / "out" / "other.csv").exists()
-    assert (json_path.read_text(), csv_path.read_text()) == before
+    assert (json_path.read_text(encoding="utf-8"), csv_path.read_text(encoding="utf-8")) == before
     write_volumetry({**result, "lesions": []}, json_path, csv_path, overwrite=True)
-    assert json.loads(json_path.read_text())["lesions"] == []
+    assert json.loads(json_path.read_text(encoding="utf-8"))["lesions"] == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["volumetry.csv", "volumetry.json"]
