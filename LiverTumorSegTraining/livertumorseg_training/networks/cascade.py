@@ -384,9 +384,9 @@ class AttentionDenseUNet(nn.Module):
         for m in self.modules():  # ICNR after the generic pass
             if isinstance(m, SubPixelUp):
                 _icnr_(m.conv.weight, 2)
-        nn.init.normal_(self.head.weight, std=0.01)
-        # The output starts at the class's prior probability (Lin et al., focal loss): with a bias of 0 every
-        # pixel starts at p = 0.5 and the first thousand steps are spent pulling the background down.
+        # The head keeps PyTorch's default weight scale (a tiny one makes the logits grow by only ~lr per step:
+        # thousands of steps before any pixel is confidently classified), and its output starts at the
+        # class's prior probability (Lin et al., focal loss) instead of p = 0.5 everywhere.
         p = self.prior_probability
         nn.init.constant_(self.head.bias, math.log(p / (1.0 - p)))
 
