@@ -99,6 +99,11 @@ def test_progress_json_lines(phantom_file, tmp_path):
     assert all(0.0 <= e["fraction"] <= 1.0 and e["message"] for e in events)
 
 
+def _file(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
 def _write(path, array, spacing=(0.8, 0.8, 2.5), vector=False):
     image = sitk.GetImageFromArray(array, isVector=vector)
     image.SetSpacing(spacing[: image.GetDimension()])
@@ -110,8 +115,8 @@ def _write(path, array, spacing=(0.8, 0.8, 2.5), vector=False):
     "make, code, message",
     [
         (lambda d: d / "missing.nii.gz", 2, "not found"),
-        (lambda d: (d / "empty.nii.gz").write_bytes(b"") or d / "empty.nii.gz", 2, "empty file"),
-        (lambda d: (d / "junk.nrrd").write_text("garbage") or d / "junk.nrrd", 2, "could not be read"),
+        (lambda d: _file(d / "empty.nii.gz", b""), 2, "empty file"),
+        (lambda d: _file(d / "junk.nrrd", b"garbage"), 2, "could not be read"),
         (lambda d: _write(d / "slice.nii.gz", np.zeros((32, 32), np.int16), (0.8, 0.8)), 2, "2D image"),
         (lambda d: _write(d / "4d.nrrd", np.zeros((2, 3, 16, 16), np.int16), (1, 1, 1, 1)), 2, "4D image"),
         (lambda d: _write(d / "rgb.nrrd", np.zeros((3, 16, 16, 3), np.uint8), vector=True), 2, "components"),
