@@ -255,6 +255,10 @@ def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path, in_channels):
     # Running statistics as after training; without this an untrained deep DenseNet in eval mode produces
     # logits of several hundred and saturated probabilities, which would make the comparison meaningless.
     _calibrate_bn(branch, _phantom(4, in_channels, 64, 96, seed=1))
+    # Untrained random heads give logits of tens, where float32 rounding differences between the two
+    # runtimes are amplified; a small head keeps the output in the sigmoid's informative range, as a trained
+    # network's is.
+    nn.init.normal_(branch.head.weight, std=0.01)
     path = export_branch_onnx(branch, in_channels, tmp_path / "branch.onnx")
     assert path.exists() and not list(tmp_path.glob("*.part"))
 
@@ -269,8 +273,7 @@ def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path, in_channels):
         with torch.no_grad():
             prob = torch.sigmoid(branch(x))
         assert float(prob.max() - prob.min()) > 0.1  # a non-trivial output
-        # Float32 rounding of the two runtimes differs by up to a few 1e-4 on an untrained network (its
-        # logits are large); an export error (wrong resize mode, baked-in shape, missing scale) is >= 1e-2.
-        # Trained exports are held to 1e-4 by livertumorseg_training.export (and test_training_run).
+        # Float32 rounding of the two runtimes differs by ~1e-5 here; an export error (wrong resize mode,
+        # baked-in shape, missing scale) is >= 1e-2.
         diff = check_onnx_matches_torch(branch, path, x)
-        assert diff < 1e-3, f"{shape}: max abs diff {diff}"
+        assert diff < 1e-4, f"{shape}: max abs diff {diff}"
