@@ -50,6 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .losses import prep_logits_and_target
+
 __all__ = [
     "soft_dice_loss",
     "bce_loss",
@@ -69,12 +71,8 @@ __all__ = [
 
 
 def _prep(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.float()
-    target = target.to(device=logits.device, dtype=torch.float32)
-    if target.dim() == logits.dim() - 1:
-        target = target.unsqueeze(1)
-    if target.shape != logits.shape:
-        raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+    """Float32 logits and a float32 target of the same shape (the cascade loss's check, without a mask)."""
+    logits, target, _ = prep_logits_and_target(logits, target, None)
     return logits, target
 
 

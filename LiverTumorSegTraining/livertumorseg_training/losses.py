@@ -33,7 +33,7 @@ import torch.nn.functional as F
 __all__ = ["soft_dice_loss", "bce_loss", "dice_bce_loss", "CascadeLoss", "targets_from_labels"]
 
 
-def _prep(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]):
+def prep_logits_and_target(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]):
     logits = logits.float()
     target = target.to(device=logits.device, dtype=torch.float32)
     if target.dim() == logits.dim() - 1:
@@ -53,7 +53,7 @@ def soft_dice_loss(
 ) -> torch.Tensor:
     """Batch soft Dice loss with squared terms in the denominator, from logits."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        logits, target, mask = _prep(logits, target, mask)
+        logits, target, mask = prep_logits_and_target(logits, target, mask)
         p = torch.sigmoid(logits)
         if mask is not None:
             p = p * mask
@@ -66,7 +66,7 @@ def soft_dice_loss(
 def bce_loss(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean binary cross-entropy over the field of view, from logits."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        logits, target, mask = _prep(logits, target, mask)
+        logits, target, mask = prep_logits_and_target(logits, target, mask)
         if mask is None:
             return F.binary_cross_entropy_with_logits(logits, target)
         per_voxel = F.binary_cross_entropy_with_logits(logits, target, reduction="none")

@@ -80,6 +80,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .presets import preset_config
+
 __all__ = [
     "PRESETS",
     "Bottle2neck",
@@ -103,15 +105,6 @@ PRESETS: Dict[str, dict] = {
 }
 
 _DIVISOR = 32
-
-
-def _config(preset) -> dict:
-    """The preset's configuration (a copy); ``preset`` is a key of :data:`PRESETS` or a dict like its entries."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-        return dict(PRESETS[preset])
-    return dict(preset)
 
 
 def _cbr(in_ch: int, out_ch: int, k: int) -> nn.Sequential:
@@ -278,7 +271,7 @@ class R2UNet(nn.Module):
 
     def __init__(self, preset="lite", out_channels: int = 1):
         super().__init__()
-        cfg = _config(preset)
+        cfg = preset_config(PRESETS, preset)
         self.config = cfg
         self.encoder = R2UNetEncoder(cfg)
         self.decoder = R2UNetDecoder(cfg["channels"])
@@ -343,7 +336,7 @@ class E2Net(nn.Module):
 
     def __init__(self, preset="lite", edge_branch: bool = True, dcff: bool = True, out_channels: int = 2):
         super().__init__()
-        cfg = _config(preset)
+        cfg = preset_config(PRESETS, preset)
         if dcff and not edge_branch:
             raise ValueError("dcff=True needs edge_branch=True (DCFF fuses the segmentation and edge branches)")
         self.config = cfg

@@ -97,6 +97,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .presets import preset_config
+
 __all__ = [
     "PRESETS",
     "DenseLayer",
@@ -138,15 +140,6 @@ PRESETS: Dict[str, dict] = {
         dropout=0.3,
     ),
 }
-
-
-def _config(preset) -> dict:
-    """The preset's configuration (a copy); ``preset`` is a key of :data:`PRESETS` or a dict like its entries."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-        return dict(PRESETS[preset])
-    return dict(preset)
 
 
 def _conv(nd: int):
@@ -442,7 +435,7 @@ class HDenseUNet(nn.Module):
 
     def __init__(self, preset="lite", unet_connections: bool = True, phase: str = "joint"):
         super().__init__()
-        cfg = _config(preset)
+        cfg = preset_config(PRESETS, preset)
         self.preset_name = preset if isinstance(preset, str) else "custom"
         self.config = cfg
         feat = int(cfg["feature_channels"])

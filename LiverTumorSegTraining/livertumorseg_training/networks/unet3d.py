@@ -57,6 +57,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .presets import preset_config
+
 __all__ = ["PRESETS", "UNet3DBlock", "UNet3D"]
 
 #: widths of the four levels (encoder 1..3 and bottleneck); the decoder mirrors them.
@@ -68,15 +70,6 @@ PRESETS: Dict[str, dict] = {
 }
 
 _DIVISOR = 8  # three 2x max-pools
-
-
-def _config(preset) -> dict:
-    """The preset's configuration (a copy); ``preset`` is a key of :data:`PRESETS` or a dict like its entries."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-        return dict(PRESETS[preset])
-    return dict(preset)
 
 
 class UNet3DBlock(nn.Sequential):
@@ -122,7 +115,7 @@ class UNet3D(nn.Module):
 
     def __init__(self, preset="lite", in_channels: int = 1, out_channels: int = 1):
         super().__init__()
-        cfg = _config(preset)
+        cfg = preset_config(PRESETS, preset)
         self.preset_name = preset if isinstance(preset, str) else "custom"
         self.config = cfg
         c1, c2, c3, c4 = (int(c) for c in cfg["channels"])
