@@ -417,5 +417,8 @@ def test_input_contracts(cls, kind):
     c = cls.INPUT_CONTRACT
     assert c["kind"] == kind and len(c["hu_window"]) == 2 and c["normalise"] and c["outputs"]
     assert "Input contract" in sys.modules[cls.__module__].__doc__
-    built = cls("lite")
-    assert built.input_contract == c
+    assert cls("paper").input_contract == c
+    lite = cls("lite").input_contract
+    from LiverTumorSegLib.baseline_networks import COMPONENTS, check_contract
+
+    check_contract(kind, lite, {name: {} for name in COMPONENTS[kind]})  # the engine can run it

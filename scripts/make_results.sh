@@ -4,17 +4,18 @@
 #
 #     scripts/make_results.sh
 #
-# Run it after the models are trained and exported (livertumorseg-train train / export, plus the lesion
-# classifier and boundary CNN added to the full bundle). It evaluates the held-out cases that the full
-# bundle's manifest records as its test split, on the data set the bundle was trained on, so no training
-# case is scored. Paths can be changed through the environment:
+# Run it after scripts/build_demo_bundle.sh (the phantoms) and scripts/train_comparison_models.sh (the models).
+# By default it evaluates the ten held-out test phantoms (runs/phantoms-test, generated with another seed than
+# the training phantoms, never seen in training). Paths can be changed through the environment:
 #
-#   DATA               labelled data set the full bundle was trained on     [runs/data]
+#   DATA               labelled data set to evaluate                        [runs/phantoms-test]
 #   FULL               the full pipeline bundle (first column of Table 4)   [runs/full/bundle]
 #   ABLATION_BASELINE  trained with --no-dense-skips --no-subpixel --no-attention  [runs/ablation-baseline/bundle]
 #   ABLATION_DENSE     trained with --no-attention                          [runs/ablation-dense/bundle]
 #   HDENSEUNET, E2NET, UNET3D  comparison-method bundles                    [runs/hdenseunet/bundle, ...]
-#   SPLIT              split of the full bundle's manifest to evaluate; SPLIT= (empty): all cases  [test]
+#   DEMO               the shipped demo bundle, one more row of Table 4     [LiverTumorSeg/Resources/Models/LiverTumorSeg-demo]
+#   SPLIT              evaluate only this split of the full bundle's manifest (e.g. test, when DATA is the data
+#                      set it was trained on with --folds > 1); empty: every case of DATA   []
 #   WORKERS            worker processes, one case each                      [number of CPUs]
 #   BIN                folder with the livertumorseg-train command          [.venv/bin]
 #
@@ -24,14 +25,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=${BIN:-.venv/bin}
-DATA=${DATA:-runs/data}
+DATA=${DATA:-runs/phantoms-test}
 FULL=${FULL:-runs/full/bundle}
 ABLATION_BASELINE=${ABLATION_BASELINE:-runs/ablation-baseline/bundle}
 ABLATION_DENSE=${ABLATION_DENSE:-runs/ablation-dense/bundle}
 HDENSEUNET=${HDENSEUNET:-runs/hdenseunet/bundle}
 E2NET=${E2NET:-runs/e2net/bundle}
 UNET3D=${UNET3D:-runs/unet3d/bundle}
-SPLIT=${SPLIT-test}
+SPLIT=${SPLIT:-}
+DEMO=${DEMO:-LiverTumorSeg/Resources/Models/LiverTumorSeg-demo}
 WORKERS=${WORKERS:-$(nproc)}
 
 if [ ! -f "$FULL/manifest.json" ]; then
@@ -39,7 +41,7 @@ if [ ! -f "$FULL/manifest.json" ]; then
   exit 4
 fi
 if [ ! -d "$DATA" ]; then
-  echo "error: data set '$DATA' not found. Set DATA to the folder the full bundle was trained on." >&2
+  echo "error: data set '$DATA' not found. Run scripts/build_demo_bundle.sh first, or set DATA." >&2
   exit 2
 fi
 
@@ -48,6 +50,7 @@ fi
   --bundle "H-DenseUNet=$HDENSEUNET" \
   --bundle "E2Net=$E2NET" \
   --bundle "3D-U-Net=$UNET3D" \
+  --bundle "shipped-demo=$DEMO" \
   --ablation-baseline "$ABLATION_BASELINE" \
   --ablation-dense "$ABLATION_DENSE" \
   --data "$DATA" \

@@ -25,6 +25,8 @@ FORMAT_NAME = "livertumorseg-bundle"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MANIFEST = "manifest.json"
+#: ``input.kind`` of the cascade's bundles (manifests without a kind are cascade bundles).
+CASCADE_KIND = "cascade_2_5d"
 ALLOWED_SUFFIXES = (".onnx", ".json")
 #: Bundled demo model, inside the Slicer module's resources (also used by the command line).
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "LiverTumorSeg-demo"
@@ -50,7 +52,15 @@ class Bundle:
         return f"{self.manifest.get('name', self.path.name)} {self.manifest.get('version', '')}".strip()
 
     @property
+    def kind(self) -> str:
+        """How the networks read the CT: ``cascade_2_5d`` (this pipeline) or a baseline's kind (``baseline_networks``)."""
+        return self.manifest["input"].get("kind", CASCADE_KIND)
+
+    @property
     def contract(self) -> InputContract:
+        """The cascade's input contract (only for ``cascade_2_5d`` bundles)."""
+        if self.kind != CASCADE_KIND:
+            raise BundleError(f"The bundle '{self.path}' holds a {self.kind} model, not the cascade.")
         return InputContract.from_dict(self.manifest["input"])
 
     def has(self, component: str) -> bool:
@@ -124,11 +134,22 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
                 f"Bundle '{path}': the checksum of '{name}' does not match its manifest — the file was changed or "
                 "damaged. Export or copy the bundle again."
             )
-    try:
-        InputContract.from_dict(manifest["input"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise BundleError(f"Bundle '{path}': the input contract in {MANIFEST} is incomplete ({error}).") from None
+    check_input_contract(manifest, path)
     return Bundle(path, manifest)
+
+
+def check_input_contract(manifest: dict, path) -> None:
+    """:class:`BundleError` unless the manifest's input contract is complete for its kind."""
+    try:
+        kind = manifest["input"].get("kind", CASCADE_KIND)
+        if kind == CASCADE_KIND:
+            InputContract.from_dict(manifest["input"])
+        else:
+            from .baseline_networks import check_contract
+
+            check_contract(kind, manifest["input"], manifest.get("components", {}))
+    except (KeyError, TypeError, ValueError, AttributeError, BundleError) as error:
+        raise BundleError(f"Bundle '{path}': the input contract in {MANIFEST} is incomplete ({error}).") from None
 
 
 def write_bundle(out_dir: str | os.PathLike, manifest: dict, files: dict[str, Path], *, overwrite: bool = False) -> Bundle:
@@ -137,6 +158,7 @@ def write_bundle(out_dir: str | os.PathLike, manifest: dict, files: dict[str, Pa
     ``manifest`` carries everything else (name, version, input, components, thresholds, training, metrics).
     """
     out_dir = Path(out_dir)
+    check_input_contract(manifest, out_dir)
     for name in files:
         if not name.endswith(ALLOWED_SUFFIXES) or Path(name).name != name:
             raise BundleError(f"'{name}': a bundle holds only ONNX and JSON files, without sub-folders.")

@@ -2,7 +2,9 @@
 
 read → canonical orientation → preprocess → cascade → post-process → (radiomics filter) →
 (boundary refinement) → back to the input grid → volumetry. Every stage reports progress through one
-callback ``progress(stage, fraction)`` and checks one ``cancel()`` flag between steps.
+callback ``progress(stage, fraction)`` and checks one ``cancel()`` flag between steps. A bundle of a seed
+baseline (``input.kind`` other than ``cascade_2_5d``) replaces preprocess … refinement by its own published
+recipe (``baseline_networks``); reorientation and volumetry are shared.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .bundle import Bundle
+from .bundle import CASCADE_KIND, Bundle
 from .cascade import run_cascade
 from .errors import Cancelled, InputError
 from .image_io import Image, atomic_path, from_canonical, to_canonical, write_image
@@ -108,6 +110,50 @@ def segment(
             warnings += check_ct_intensities(image)
     with step("reorient"):
         canonical, orientation = to_canonical(image)
+    if bundle.kind != CASCADE_KIND:
+        labels, info = _segment_with_baseline(canonical, orientation, bundle, options, step, progress, cancel)
+        stages.update(info.pop("stages"))
+        details_extra[bundle.kind] = info
+        lesion_probability = None
+    else:
+        labels, lesion_probability = _segment_with_cascade(
+            canonical, orientation, bundle, options, step, progress, cancel, stages, details_extra)
+    with step("volumetry"):
+        volumetry = measure(labels.array, image.array, image.geometry, probability_map=lesion_probability)
+    if volumetry["liver_volume_ml"] == 0:
+        warnings.append("No liver was found in this image: the segmentation is empty. Is the liver in the field of view?")
+    for message in warnings:
+        log.warning(message)
+    progress("done", 1.0)
+    details = {
+        "engine_version": __version__,
+        "bundle": bundle.name,
+        "bundle_path": str(bundle.path),
+        "stages": stages,
+        **details_extra,
+        "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
+        "warnings": warnings,
+    }
+    return SegmentationResult(labels, volumetry, details)
+
+
+def _segment_with_baseline(canonical, orientation, bundle, options, step, progress, cancel) -> tuple[Image, dict]:
+    """The network stage of a seed baseline (its own published inference recipe), then back to the input grid."""
+    from .baseline_networks import run_baseline
+
+    with step("network"):
+        labels, info = run_baseline(canonical.array, bundle, device=options.device, threads=options.threads,
+                                    progress=progress, cancel=cancel)
+    with step("back to input grid"):
+        labels = from_canonical(labels, orientation)
+    not_applicable = f"not applicable: the {bundle.kind} model has its own published recipe"
+    info["stages"] = {"network": f"run ({bundle.kind})", "post-process": not_applicable,
+                      "radiomics filter": not_applicable, "boundary refinement": not_applicable}
+    return labels, info
+
+
+def _segment_with_cascade(canonical, orientation, bundle, options, step, progress, cancel, stages, details_extra):
+    """Preprocess → cascade → post-process → (radiomics filter) → (boundary refinement) → back to the input grid."""
     with step("preprocess"):
         prepared = prepare_volume(canonical, bundle.contract)
     with step("cascade"):
@@ -119,6 +165,7 @@ def segment(
         labels_crop, post_info = postprocess(liver_prob, tumour_prob, options.postprocess, progress, cancel)
         del liver_prob, tumour_prob
     stages["post-process"] = "run"
+    details_extra["postprocess"] = post_info
     lesion_ids = None  # processing-grid map of each kept lesion's classifier probability, when the filter runs
     if not options.radiomics:
         stages["radiomics filter"] = "switched off"
@@ -159,24 +206,7 @@ def segment(
                 resample(Image(prepared.uncrop(lesion_ids), prepared.grid), canonical.geometry, canonical.array.shape,
                          order=0, fill=0).array, orientation,
             ).array
-    with step("volumetry"):
-        volumetry = measure(labels.array, image.array, image.geometry, probability_map=lesion_probability)
-    if volumetry["liver_volume_ml"] == 0:
-        warnings.append("No liver was found in this image: the segmentation is empty. Is the liver in the field of view?")
-    for message in warnings:
-        log.warning(message)
-    progress("done", 1.0)
-    details = {
-        "engine_version": __version__,
-        "bundle": bundle.name,
-        "bundle_path": str(bundle.path),
-        "stages": stages,
-        "postprocess": post_info,
-        **details_extra,
-        "timings_s": {name: round(seconds, 3) for name, seconds in timings.items()},
-        "warnings": warnings,
-    }
-    return SegmentationResult(labels, volumetry, details)
+    return labels, lesion_probability
 
 
 def write_outputs(

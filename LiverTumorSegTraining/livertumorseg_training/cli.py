@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Runs under torchrun for DDP: torchrun --nproc_per_node N -m livertumorseg_training.cli train ...")
     train.add_argument("--data", required=True, help="dataset folder")
     train.add_argument("--out", required=True, help="run folder (checkpoints, history.jsonl, loss_curve.png)")
+    train.add_argument("--model", default="cascade", choices=("cascade", "unet3d", "hdenseunet", "e2net"),
+                       help="the proposed cascade, or a seed baseline trained with its published recipe "
+                            "(baselines use --data --out --preset --folds --fold --validation-cases --seed --epochs "
+                            "--patience --time-limit-minutes --max-steps-per-epoch --augment --device)")
     train.add_argument("--preset", default="lite", choices=("paper", "lite"))
     _ablation_flags(train)
     for name, kind, default, text in (
@@ -109,6 +113,8 @@ def _summary(args) -> int:
 
 
 def _train(args) -> int:
+    if args.model != "cascade":
+        return _train_baseline(args)
     from .train import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
@@ -118,6 +124,20 @@ def _train(args) -> int:
     values = {k: v for k, v in values.items() if v is not None}
     result = train(TrainConfig(**values))
     print(f"best epoch {result.best_epoch}, validation loss {result.best_validation_loss:.4f}; checkpoints in {args.out}")
+    return 0
+
+
+def _train_baseline(args) -> int:
+    from .baseline_training import BaselineConfig, train_baseline
+
+    config = BaselineConfig(
+        model=args.model, data=args.data, out=args.out, preset=args.preset, folds=args.folds, fold=args.fold,
+        validation_cases=args.validation_cases, seed=args.seed, epochs=args.epochs, patience=args.patience,
+        time_limit_minutes=args.time_limit_minutes, augment=args.augment, device=args.device,
+        **({"steps_per_epoch": args.max_steps_per_epoch} if args.max_steps_per_epoch else {}),
+    )
+    path = train_baseline(config)
+    print(f"checkpoint: {path}; export it with: livertumorseg-train export --checkpoint {path} --out BUNDLE")
     return 0
 
 

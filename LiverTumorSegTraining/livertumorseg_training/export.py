@@ -7,6 +7,7 @@ own :func:`LiverTumorSegLib.bundle.write_bundle`, so the two sides share one for
 
 from __future__ import annotations
 
+import copy
 import datetime
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from LiverTumorSegLib import __version__ as engine_version
 from LiverTumorSegLib.bundle import Bundle, write_bundle
 
 from .networks import build_model
-from .onnx_export import check_onnx_matches_torch, export_branch_onnx
+from .onnx_export import check_onnx_matches_torch, export_branch_onnx, export_onnx
 
 ONNX_TOLERANCE = 1e-4
 #: Engine component name → (branch attribute of CascadeNet, input channels, description).
@@ -40,6 +41,10 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, version: str, description: str = "",
                   metrics: dict | None = None, overwrite: bool = False, seed: int = 0) -> Bundle:
+    """A bundle from a training checkpoint: the cascade's, or a seed baseline's (see :func:`export_baseline_bundle`)."""
+    if "model_name" in torch.load(checkpoint, map_location="cpu", weights_only=False):
+        return export_baseline_bundle(checkpoint, out_dir, name=name, version=version, description=description,
+                                      overwrite=overwrite, seed=seed)
     model, state = load_checkpoint(checkpoint)
     config = state["config"]
     rng = np.random.default_rng(seed)
@@ -58,11 +63,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, ver
                                       "input": "input", "output": "probability"}
             files[path.name] = path
         manifest = {
-            "name": name,
-            "version": version,
-            "description": description,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "engine_version": engine_version,
+            **_header(name, version, description),
             "model": {"name": "cascade", "preset": config["preset"],
                       "flags": {k: config[k] for k in ("dense_skips", "subpixel", "attention")},
                       "parameters": {c: sum(p.numel() for p in getattr(model, a).parameters()) for c, (a, _, _) in BRANCHES.items()}},
@@ -76,6 +77,87 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, ver
                 "config": {k: v for k, v in config.items() if k not in ("data", "out")},
             },
             "metrics": {"validation": state.get("validation", {}), **(metrics or {})},
+            "onnx_max_abs_difference": differences,
+        }
+        return write_bundle(out_dir, manifest, files, overwrite=overwrite)
+
+
+def _header(name: str, version: str, description: str) -> dict:
+    """The manifest entries every bundle starts with."""
+    return {"name": name, "version": version, "description": description, "engine_version": engine_version,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+class _Probabilities(torch.nn.Module):
+    """A baseline network (or one of its parts) ending in its published activation, as the engine reads it."""
+
+    def __init__(self, module: torch.nn.Module, activation: str, output: int | None = None, **kwargs):
+        super().__init__()
+        self.module, self.activation, self.output, self.kwargs = module, activation, output, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x, **self.kwargs)
+        if self.output is not None:
+            out = out[self.output]
+        return torch.sigmoid(out) if self.activation == "sigmoid" else torch.softmax(out, 1)
+
+
+def baseline_components(model_name: str, model: torch.nn.Module, extra: dict) -> dict:
+    """Engine component name → (module with activation, example input, dynamic axes, role) of a baseline."""
+    if model_name == "unet3d":
+        return {"unet3d": (_Probabilities(model, "sigmoid"), torch.rand(1, 1, 16, 32, 32), (0, 2, 3, 4),
+                           "resized volume (N, 1, Z, Y, X) → liver probability")}
+    if model_name == "hdenseunet":
+        coarse = copy.deepcopy(model.dense2d)
+        coarse.load_state_dict(extra["coarse_liver"])
+        return {
+            "coarse_liver": (_Probabilities(coarse, "softmax", output=1), torch.rand(2, 3, 64, 64) * 100, (0, 2, 3),
+                             "3-slice stacks (N, 3, H, W) → background/liver/tumour probabilities (ROI network)"),
+            "hdenseunet": (_Probabilities(model, "softmax", output=0), torch.rand(1, 1, 12, 64, 64) * 100, (0, 2, 3, 4),
+                           "12-slice slab (1, 1, 12, H, W) → background/liver/tumour probabilities (hybrid output)"),
+        }
+    if model_name == "e2net":
+        return {
+            "stage1": (_Probabilities(model.stage1, "sigmoid"), torch.rand(2, 1, 64, 64) * 2 - 1, (0, 2, 3),
+                       "whole slices (N, 1, H, W) → liver probability"),
+            "stage2": (_Probabilities(model.stage2, "sigmoid", output=0), torch.rand(2, 1, 64, 64) * 2 - 1, (0, 2, 3),
+                       "liver boxes resized (N, 1, 256, 256) → liver/tumour probabilities (fused output s2)"),
+        }
+    raise ValueError(f"no export recipe for {model_name!r}")
+
+
+def export_baseline_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, version: str,
+                           description: str = "", overwrite: bool = False, seed: int = 0) -> Bundle:
+    """Bundle of a seed baseline's checkpoint (``baseline_training``): ONNX parts checked against torch (< 1e-4)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = build_model(state["model_name"], state["preset"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    torch.manual_seed(seed)
+    components, files, differences = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for component, (module, example, dynamic, role) in baseline_components(state["model_name"], model, state.get("extra", {})).items():
+            module.eval()
+            path = export_onnx(module, example, Path(tmp) / f"{component}.onnx", dynamic)
+            # checked on the export size and on a larger one: sizes must stay dynamic in the graph
+            larger = torch.rand(example.shape[:-2] + (example.shape[-2] + 32, example.shape[-1] + 64)) * example.max()
+            differences[component] = max(check_onnx_matches_torch(module, path, probe.numpy(), activation=None)
+                                         for probe in (example, larger))
+            if differences[component] >= ONNX_TOLERANCE:
+                raise RuntimeError(f"ONNX export of {component} differs from torch by {differences[component]:.2e}")
+            components[component] = {"file": path.name, "kind": "onnx", "role": role, "input": "input", "output": "probability"}
+            files[path.name] = path
+        config = state["config"]
+        manifest = {
+            **_header(name, version, description),
+            "model": {"name": state["model_name"], "preset": state["preset"],
+                      "parameters": {c: sum(p.numel() for p in m.parameters()) for c, (m, *_) in
+                                     baseline_components(state["model_name"], model, state.get("extra", {})).items()}},
+            "input": model.input_contract,
+            "components": components,
+            "training": {"data": Path(config["data"]).name, "split": state["split"], "epochs_run": state["epochs_run"],
+                         "config": {k: v for k, v in config.items() if k not in ("data", "out")}},
+            "metrics": {"validation_loss": state.get("validation", {})},
             "onnx_max_abs_difference": differences,
         }
         return write_bundle(out_dir, manifest, files, overwrite=overwrite)

@@ -28,6 +28,7 @@ import torch.nn as nn
 __all__ = [
     "BranchWithSigmoid",
     "export_branch_onnx",
+    "export_onnx",
     "export_cascade_onnx",
     "check_onnx_matches_torch",
     "INPUT_NAME",
@@ -62,14 +63,30 @@ def export_branch_onnx(
     The module is exported from a CPU copy in eval mode (BatchNorm uses its running statistics); the caller's
     module is not modified. ``metadata`` key/value strings are stored in the model's ``metadata_props``.
     """
+    h, w = example_size
+    example = torch.rand(1, int(in_channels), int(h), int(w)) * 255.0
+    return export_onnx(BranchWithSigmoid(copy.deepcopy(branch_module)), example, path, (0, 2, 3), opset, metadata)
+
+
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Union[str, os.PathLike],
+    dynamic: tuple = (0, 2, 3),
+    opset: int = 17,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> Path:
+    """Exports ``module`` (one input ``"input"``, one output ``"probability"``) to ``path``, atomically.
+
+    ``dynamic`` lists the input and output axes of variable size. The module is exported from a CPU copy in
+    eval mode; the file is checked with ``onnx.checker`` before it is renamed into place.
+    """
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = BranchWithSigmoid(copy.deepcopy(branch_module)).to("cpu", torch.float32).eval()
-    h, w = example_size
-    example = torch.rand(1, int(in_channels), int(h), int(w)) * 255.0
-    dyn = {0: "batch", 2: "height", 3: "width"}
+    model = copy.deepcopy(module).to("cpu", torch.float32).eval()
+    dyn = {axis: f"axis{axis}" for axis in dynamic}
     fd, tmp = tempfile.mkstemp(suffix=".onnx.part", dir=str(path.parent))
     os.close(fd)
     try:
@@ -79,7 +96,7 @@ def export_branch_onnx(
             with torch.no_grad():
                 torch.onnx.export(
                     model,
-                    (example,),
+                    (example.to("cpu", torch.float32),),
                     tmp,
                     dynamo=False,
                     input_names=[INPUT_NAME],
@@ -125,9 +142,10 @@ def check_onnx_matches_torch(
     path: Union[str, os.PathLike],
     input: Union[torch.Tensor, np.ndarray],
     threads: int = 1,
+    activation=torch.sigmoid,
 ) -> float:
-    """Runs the torch branch (eval, + sigmoid) and the ONNX file (ONNX Runtime, CPU) on ``input``;
-    returns the maximum absolute difference of the probabilities."""
+    """Runs the torch branch (eval, + ``activation``; ``None`` when the module ends in its own) and the ONNX file
+    (ONNX Runtime, CPU) on ``input``; returns the maximum absolute difference of the probabilities."""
     import onnxruntime as ort
 
     x = torch.as_tensor(np.asarray(input, dtype=np.float32))
@@ -136,7 +154,8 @@ def check_onnx_matches_torch(
     try:
         with torch.no_grad():
             device = next(branch.parameters()).device
-            ref = torch.sigmoid(branch(x.to(device))).float().cpu().numpy()
+            out = branch(x.to(device))
+            ref = (activation(out) if activation is not None else out).float().cpu().numpy()
     finally:
         branch.train(was_training)
     opts = ort.SessionOptions()

@@ -127,9 +127,13 @@ class TileSampler:
         """Scanner and contrast variation in HU space: gain ±10 %, offset ±15 HU, noise up to 10 HU."""
         low, high = self.contract.hu_window
         per_level = (high - low) / 255.0
-        hu = stack * per_level + low
-        hu = hu * rng.uniform(0.9, 1.1) + rng.uniform(-15, 15) + rng.normal(0, rng.uniform(0, 10), size=hu.shape)
+        hu = jitter_hu(stack * per_level + low, rng)
         return np.clip(np.rint((hu - low) / per_level), 0, 255).astype(np.float32)
+
+
+def jitter_hu(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scanner and contrast variation of a float HU array: gain ±10 %, offset ±15 HU, Gaussian noise σ ≤ 10 HU."""
+    return hu * rng.uniform(0.9, 1.1) + rng.uniform(-15, 15) + rng.normal(0, rng.uniform(0, 10), size=hu.shape)
 
 
 def _window(array: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:

@@ -113,7 +113,7 @@ def _cbr(in_ch: int, out_ch: int, k: int) -> nn.Sequential:
 
 
 def _up(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)  # symbolic when traced for ONNX
 
 
 def _init(module: nn.Module) -> None:
@@ -388,6 +388,7 @@ class E2NetModel(nn.Module):
         "spacing": "native (no resampling)",
         "hu_window": [-100, 240],
         "normalise": "2*(HU+100)/340-1",
+        "intensity": {"shift": 100.0, "scale": 2.0 / 340.0, "offset": -1.0},
         "channels": ["ct"],
         "tensor_layout": "N,C,Y,X",
         "size_multiple_yx": [32, 32],
@@ -414,8 +415,12 @@ class E2NetModel(nn.Module):
                 "label_rule": "liver where P(liver) > 0.5; tumour where P(tumour) > 0.5 inside the liver",
             },
         },
+        "stage2_shape_yx": [256, 256],
+        "box_margin_px": 35,
+        "thresholds": {"stage1_liver": 0.5, "liver": 0.5, "tumour": 0.5},
         "outputs": ["liver", "tumour"],
-        "postprocess": "none (stack the slices into the volume)",
+        "postprocess": "largest 3D component of the stage-1 liver (the contract's optional step, taken); "
+                       "then none (stack the slices into the volume)",
     }
 
     def __init__(self, preset="lite", edge_branch: bool = True, dcff: bool = True):

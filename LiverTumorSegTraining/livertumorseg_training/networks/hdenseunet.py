@@ -70,7 +70,9 @@ Ambiguities and how they are resolved (SEED_SPECS section 3.8):
 8. Unstated initialisation: Kaiming-normal (fan-out) convolutions, unit BN, zero biases. BN epsilon 1.1e-5 as
    the official DenseNet port.
 9. The coarse liver ResNet that provides the ROI is not part of this model (SEED_SPECS 3.8.7: any 2D liver
-   network; the engine provides the ROI).
+   network). Our bundles ship, as component ``coarse_liver``, a frozen copy of this model's own 2D DenseUNet as
+   it is after its 2D training phase (trained partly on crops anywhere in the volume), run on whole native
+   slices; the engine takes the ROI from it (``LiverTumorSegLib.baseline_networks``).
 10. The 3D DenseUNet-65 keeps its own 1x1x1 classifier (Table I counts it) but the hybrid does not use it, so
     :meth:`HDenseUNet.set_phase` keeps it frozen: every trainable parameter then gets a gradient, as
     DistributedDataParallel requires. During the 2D warm-up without UNet connections ``line0`` receives no
@@ -152,7 +154,7 @@ def _bn(nd: int, ch: int) -> nn.Module:
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     mode = "bilinear" if x.dim() == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)  # symbolic when traced for ONNX
 
 
 class DenseLayer(nn.Module):
@@ -417,11 +419,13 @@ class HDenseUNet(nn.Module):
         "spacing": "native (no resampling)",
         "hu_window": [-200, 250],
         "normalise": "HU-48",
+        "intensity": {"shift": -48.0, "scale": 1.0, "offset": 0.0},
         "channels": ["ct"],
         "tensor_layout": "N,C,Z,Y,X",
         "size_multiple_zyx": [4, 32, 32],
-        "roi": "coarse liver mask (any 2D liver network at 0.69x0.69x1 mm, resampled back), largest 3D "
+        "roi": "coarse liver mask (the bundle's coarse_liver 2D network on native slices), largest 3D "
                "component, bounding box dilated by 1 voxel in-plane and -5/+10 slices in z",
+        "roi_margin": [5, 10, 1],  # slices below (lower index), slices above, pixels in-plane
         "tiling": {"in_plane": "the ROI padded to a multiple of 32 (224x224 crops in training)",
                    "z_window": 12, "z_stride": 3, "z_drop": 1, "merge": "mean of the kept slices' probabilities"},
         "outputs": ["background", "liver", "tumour"],
