@@ -94,3 +94,20 @@ def test_resize_gives_the_exact_shape_and_keeps_constants():
     labels = np.zeros((10, 10, 10), np.uint8)
     labels[2:8, 2:8, 2:8] = 2
     assert set(np.unique(resize(labels, (20, 5, 13), order=0))) == {0, 2}
+
+
+def test_evaluation_compares_baselines_with_the_cascade(bundles, phantoms, tmp_path):
+    from livertumorseg_training.evaluation import EvaluationConfig, evaluate
+
+    config = EvaluationConfig(
+        bundles=[("proposed", load_bundle().path)] + [(model, bundles[model].path) for model in KINDS],
+        data=phantoms, out=tmp_path / "results", cases=["lits-0"], ablation=False, robustness=False, progress=False,
+    )
+    text = (evaluate(config) / "RESULTS.md").read_text(encoding="utf-8")
+    table = text.split("## Method comparison")[1].split("\n\n")[2].splitlines()
+    assert table[0] == "| Metric | proposed | unet3d | hdenseunet | e2net |"
+    tumour_dice = next(line for line in table if line.startswith("| Tumour Dice (per case)")).split("|")
+    assert tumour_dice[3].strip() == "liver only" and tumour_dice[4].strip() != "liver only"
+    liver_dice = next(line for line in table if line.startswith("| Liver Dice (per case)")).split("|")
+    assert all(cell.strip() not in ("liver only", "not trained") for cell in liver_dice[2:6])
+    assert "run (slab_2_5d)" in text and "liver-only model" in text

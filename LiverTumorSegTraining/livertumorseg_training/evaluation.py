@@ -623,8 +623,8 @@ class Report:
             for metric, label in WILCOXON_METRICS:
                 entry = {"reference": self.full_name, "other": name, "metric": metric, "label": label, "pairs": 0,
                          "mean_difference": math.nan, "statistic": math.nan, "p_value": math.nan, "note": ""}
-                if run is None:
-                    entry["note"] = "not trained"
+                if run is None or not predicts_tumour(self.plan.bundles[name]):
+                    entry["note"] = "not trained" if run is None else "liver-only model"
                     out.append(entry)
                     continue
                 a = np.asarray(self.values(self.full_run.key, metric), float)
@@ -869,6 +869,8 @@ class Report:
             for name, run in plan.methods:
                 if run is None:
                     cells.append("not trained")
+                elif _is_tumour_metric(key) and not predicts_tumour(plan.bundles[name]):
+                    cells.append("liver only")
                 elif key.startswith(("global:", "pooled:")) or key == "burden_rmse":
                     cells.append(_fmt(self.method_stats[name][key][0], digits))
                 else:
@@ -964,6 +966,15 @@ class Report:
             elif any(flags.get(k) != v for k, v in EXPECTED_FLAGS[which].items()):
                 out.append(f"bundle `{key}` was trained with {flags}, but its ablation row expects {EXPECTED_FLAGS[which]}.")
         return out
+
+
+def predicts_tumour(bundle: Bundle) -> bool:
+    """Whether the bundle's model segments tumours (the 3D U-Net of seed 002 is liver only, as published)."""
+    return "tumour" in bundle.manifest["input"].get("outputs", ["liver", "tumour"])
+
+
+def _is_tumour_metric(key: str) -> bool:
+    return "tumour" in key or key.startswith("pooled:") or key == "burden_rmse"
 
 
 def _stages_text(stages: dict) -> str:
