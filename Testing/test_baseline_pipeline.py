@@ -111,3 +111,11 @@ def test_evaluation_compares_baselines_with_the_cascade(bundles, phantoms, tmp_p
     liver_dice = next(line for line in table if line.startswith("| Liver Dice (per case)")).split("|")
     assert all(cell.strip() not in ("liver only", "not trained") for cell in liver_dice[2:6])
     assert "run (slab_2_5d)" in text and "liver-only model" in text
+
+
+@pytest.mark.parametrize("model", list(KINDS))
+def test_summary_command_for_baselines(model, capsys):
+    assert train_cli(["summary", "--model", model, "--preset", "lite", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == model and summary["total_parameters"] > 0
+    assert train_cli(["summary", "--model", model, "--no-attention"]) == 2

@@ -8,7 +8,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from LiverTumorSegLib.errors import LiverTumorSegError
+from LiverTumorSegLib.errors import InputError, LiverTumorSegError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     summary = commands.add_parser("summary", help="parameters per branch and FLOPs per slice")
-    summary.add_argument("--model", default="cascade")
+    summary.add_argument("--model", default="cascade", choices=("cascade", "unet3d", "hdenseunet", "e2net"))
     summary.add_argument("--preset", default="lite", choices=("paper", "lite"))
     summary.add_argument("--size", type=int, default=224, help="slice size for the FLOP count")
     _ablation_flags(summary)
@@ -107,7 +107,12 @@ def _flags(args) -> dict:
 def _summary(args) -> int:
     from .model_summary import format_summary, summarize
 
-    result = summarize(args.model, args.preset, size=args.size, **_flags(args))
+    flags = _flags(args)
+    if args.model != "cascade":
+        if not all(flags.values()):
+            raise InputError("--no-dense-skips, --no-subpixel and --no-attention are ablations of the cascade only.")
+        flags = {}
+    result = summarize(args.model, args.preset, size=args.size, **flags)
     print(json.dumps(result, indent=2) if args.json else format_summary(result))
     return 0
 
