@@ -66,6 +66,12 @@ STAGE_SPANS = {
     "livernetwork": (0.12, 0.55),
     "tumournetwork": (0.55, 0.75),
     "tumornetwork": (0.55, 0.75),
+    # seed-baseline bundles (LiverTumorSegLib.baseline_networks)
+    "network": (0.04, 0.12),
+    "coarselivernetwork": (0.12, 0.40),
+    "hdenseunet": (0.40, 0.93),
+    "enetliverstage": (0.12, 0.45),
+    "enetliverandtumourstage": (0.45, 0.93),
     "postprocess": (0.75, 0.82),
     "radiomicsfilter": (0.82, 0.88),
     "boundaryrefinement": (0.88, 0.93),

@@ -199,7 +199,7 @@ def _slice_2d(hu, contract, sessions, progress, cancel, batch: int = 4):
         _check(cancel)
         p = _infer(sessions["stage1"], padded[start : start + batch, None])
         liver[start : start + batch] = p[:, 0][:, inside[1], inside[2]] > float(thresholds["stage1_liver"])
-        progress("E2Net stage 1", min(1.0, (start + batch) / hu.shape[0]))
+        progress("E2Net liver stage", min(1.0, (start + batch) / hu.shape[0]))
     liver = largest_component(liver)
     labels = np.zeros(hu.shape, np.uint8)
     shape = tuple(int(s) for s in contract["stage2_shape_yx"])
@@ -214,5 +214,5 @@ def _slice_2d(hu, contract, sessions, progress, cancel, batch: int = 4):
             box_liver = resize(probabilities[0], size, order=1) > float(thresholds["liver"])
             box_tumour = (resize(probabilities[1], size, order=1) > float(thresholds["tumour"])) & box_liver
             labels[z][ys, xs] = np.where(box_tumour, 2, box_liver.astype(np.uint8))
-        progress("E2Net stage 2", (start + len(group)) / max(len(jobs), 1))
+        progress("E2Net liver and tumour stage", (start + len(group)) / max(len(jobs), 1))
     return labels, {"slices_with_liver": len(jobs)}
