@@ -32,20 +32,25 @@ BRANCHES = {
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The cascade of a training checkpoint (our own ``best.pt``/``last.pt``) and the checkpoint dict."""
     state = torch.load(path, map_location="cpu", weights_only=False)
+    return _cascade_from_state(state), state
+
+
+def _cascade_from_state(state: dict) -> torch.nn.Module:
     config = state["config"]
     model = build_model("cascade", config["preset"], dense_skips=config["dense_skips"], subpixel=config["subpixel"],
                         attention=config["attention"])
     model.load_state_dict(state["model"])
-    return model.eval(), state
+    return model.eval()
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, version: str, description: str = "",
                   metrics: dict | None = None, overwrite: bool = False, seed: int = 0) -> Bundle:
     """A bundle from a training checkpoint: the cascade's, or a seed baseline's (see :func:`export_baseline_bundle`)."""
-    if "model_name" in torch.load(checkpoint, map_location="cpu", weights_only=False):
-        return export_baseline_bundle(checkpoint, out_dir, name=name, version=version, description=description,
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if "model_name" in state:
+        return export_baseline_bundle(state, out_dir, name=name, version=version, description=description,
                                       overwrite=overwrite, seed=seed)
-    model, state = load_checkpoint(checkpoint)
+    model, state = _cascade_from_state(state), state
     config = state["config"]
     rng = np.random.default_rng(seed)
     components, files, differences = {}, {}, {}
@@ -126,17 +131,17 @@ def baseline_components(model_name: str, model: torch.nn.Module, extra: dict) ->
     raise ValueError(f"no export recipe for {model_name!r}")
 
 
-def export_baseline_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, version: str,
+def export_baseline_bundle(state: dict, out_dir: str | Path, *, name: str, version: str,
                            description: str = "", overwrite: bool = False, seed: int = 0) -> Bundle:
-    """Bundle of a seed baseline's checkpoint (``baseline_training``): ONNX parts checked against torch (< 1e-4)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    """Bundle of a seed baseline's loaded checkpoint (``baseline_training``): ONNX parts checked against torch."""
     model = build_model(state["model_name"], state["preset"])
     model.load_state_dict(state["model"])
     model.eval()
     torch.manual_seed(seed)
     components, files, differences = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for component, (module, example, dynamic, role) in baseline_components(state["model_name"], model, state.get("extra", {})).items():
+        parts = baseline_components(state["model_name"], model, state.get("extra", {}))
+        for component, (module, example, dynamic, role) in parts.items():
             module.eval()
             path = export_onnx(module, example, Path(tmp) / f"{component}.onnx", dynamic)
             # checked on the export size and on a larger one: sizes must stay dynamic in the graph
@@ -151,8 +156,7 @@ def export_baseline_bundle(checkpoint: str | Path, out_dir: str | Path, *, name:
         manifest = {
             **_header(name, version, description),
             "model": {"name": state["model_name"], "preset": state["preset"],
-                      "parameters": {c: sum(p.numel() for p in m.parameters()) for c, (m, *_) in
-                                     baseline_components(state["model_name"], model, state.get("extra", {})).items()}},
+                      "parameters": {c: sum(p.numel() for p in m.parameters()) for c, (m, *_) in parts.items()}},
             "input": model.input_contract,
             "components": components,
             "training": {"data": Path(config["data"]).name, "split": state["split"], "epochs_run": state["epochs_run"],
