@@ -17,6 +17,7 @@ from LiverTumorSegLib.preprocess import InputContract, prepare_volume  # noqa: E
 from LiverTumorSegLib.refinement import boundary_band, crop_edge, refine_boundaries  # noqa: E402
 from livertumorseg_training.boundary_training import (  # noqa: E402
     architecture_study,
+    augment_patches,
     case_band,
     dense_differences,
     export_boundary_cnn,
@@ -26,6 +27,7 @@ from livertumorseg_training.boundary_training import (  # noqa: E402
     refinement_effect,
     sample_boundary_patches,
     train_boundary_cnn,
+    tune_refinement,
     write_study_table,
 )
 from livertumorseg_training.networks import MODELS  # noqa: E402
@@ -291,3 +293,60 @@ def test_studies_write_tables(lits, tmp_path):
     assert text.startswith("# Patch size") and "| model | patch | accuracy |" in text and text.count("\n| ") == 5
     assert (tmp_path / "table3.csv").read_text(encoding="utf-8").splitlines()[0].startswith("model,patch,accuracy")
     assert json.loads((tmp_path / "patch" / "patch9" / "boundary_cnn_history.json").read_text(encoding="utf-8"))["config"]["patch_size"] == 9
+
+
+def test_augmentation_keeps_the_centre_voxel_and_maps_intensities_affinely():
+    patches = torch.from_numpy(np.random.default_rng(0).permutation(9 ** 3).reshape(1, 1, 9, 9, 9) % 200 + 20.0)
+    generator = torch.Generator().manual_seed(3)
+    centre_kept, shapes = 0, set()
+    for _ in range(20):
+        out = augment_patches(patches.clone(), generator)
+        shapes.add(tuple(out.shape))
+        # a flip or transpose moves voxels but not the centre; the intensity map is one gain and one offset
+        gain, offset = np.polyfit(np.sort(patches.ravel().numpy()), np.sort(out.ravel().numpy()), 1)
+        assert 0.9 <= gain <= 1.1 and -10 - 12.75 <= offset <= 10 + 12.75
+        np.testing.assert_allclose(out[0, 0, 4, 4, 4], patches[0, 0, 4, 4, 4] * gain + offset, atol=1e-3)
+        centre_kept += 1
+        assert out.min() >= 0 and out.max() <= 255
+    assert shapes == {(1, 1, 9, 9, 9)} and centre_kept == 20
+    again = augment_patches(patches.clone(), torch.Generator().manual_seed(3))
+    assert torch.equal(again, augment_patches(patches.clone(), torch.Generator().manual_seed(3)))
+
+
+def test_refinement_tuning_scores_the_engines_relabelling(lits, tmp_path):
+    """Tuning on a phantom with the shipped cascade: the band-0 pair is the unrefined Dice, and the
+    (6, 0.5) pair is what the engine's refinement stage gives on the same labels."""
+    import shutil
+
+    from LiverTumorSegLib.bundle import DEFAULT_BUNDLE
+    from LiverTumorSegLib.image_io import to_canonical
+    from LiverTumorSegLib.metrics import dice
+    from LiverTumorSegLib.phantoms import generate_phantom
+    from LiverTumorSegLib.pipeline import PipelineOptions, segment
+    from livertumorseg_training.datasets import find_cases, load_case
+
+    data = tmp_path / "data"
+    phantom = generate_phantom(7, size="small")  # one where the shipped cascade finds the tumours
+    write_image(phantom.image, data / "volume-0.nii.gz")
+    write_image(phantom.image.with_array(phantom.label), data / "segmentation-0.nii.gz")
+    result = train_boundary_cnn(lits, tmp_path / "run", preset="tiny", patch=9, samples_per_class=150,
+                                validation_cases=["lits-2"], epochs_adam=1, epochs_sgd=0, seed=0, device="cpu",
+                                log=lambda *_: None)
+    shutil.copytree(DEFAULT_BUNDLE, tmp_path / "bundle")
+    export_boundary_cnn(result, tmp_path / "bundle")
+    tuning = tune_refinement(data, tmp_path / "bundle", ["lits-0"], bands=(0.0, 2.0, 6.0), thresholds=(0.5, 0.9),
+                             log=lambda *_: None)
+    assert tuning["cases"] == ["lits-0"] and len(tuning["rows"]) == 6
+    by_pair = {(r["band"], r["threshold"]): r["dice"] for r in tuning["rows"]}
+    assert by_pair[(0.0, 0.5)] == by_pair[(0.0, 0.9)] == tuning["unrefined_dice"] > 0.1
+    assert tuning["best"]["dice"] == max(by_pair.values())
+
+    bundle = load_bundle(tmp_path / "bundle")
+    image, reference = load_case(find_cases(data)[0])
+    predicted = segment(image, bundle, PipelineOptions(threads=1, refine=False)).labels.array
+    canonical = to_canonical(image)[0]
+    prepared = prepare_volume(canonical, bundle.contract, labels=to_canonical(image.with_array(predicted))[0].array)
+    truth = prepare_volume(canonical, bundle.contract, labels=to_canonical(image.with_array(reference))[0].array).labels == 2
+    refined, info = refine_boundaries(prepared.intensities, prepared.labels, prepared.grid.spacing, bundle, threads=1)
+    assert info["candidate_voxels"] > 0
+    assert by_pair[(6.0, 0.5)] == round(dice(refined == 2, truth), 4)

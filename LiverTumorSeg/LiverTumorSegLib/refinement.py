@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -135,26 +136,36 @@ def tumour_boxes(tumour: np.ndarray, spacing_xyz, band: float = BAND_VOXELS) -> 
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def refine_boundaries(
+@dataclass
+class BandBox:
+    """One merged box: its slices in the processing grid, its candidate voxels (band voxels inside the liver)
+    and the network's tumour probability (float32, 0 outside the candidates)."""
+
+    region: tuple
+    candidates: np.ndarray
+    probability: np.ndarray
+
+
+def band_probabilities(
     intensities: np.ndarray,
     labels: np.ndarray,
     spacing_xyz: tuple,
     bundle,
     *,
+    band: Optional[float] = None,
     device: str = "cpu",
     threads: Optional[int] = None,
     progress: Optional[Progress] = None,
     cancel: Optional[Cancel] = None,
     tile: tuple[int, int, int] = DEFAULT_TILE,
-) -> tuple[np.ndarray, dict]:
-    """Relabel the band voxels of every tumour with the bundle's dense boundary CNN.
+) -> tuple[list[BandBox], dict]:
+    """The dense boundary CNN's tumour probability for every band voxel inside the liver, box by box.
 
     ``intensities``: uint8 (z, y, x) on the processing grid (the preprocessed CT); ``labels``: 0/1/2 on the
-    same grid; ``spacing_xyz``: its voxel spacing in mm. Returns the new label map (a copy) and a dict with
-    the numbers of components, boxes, tiles, band voxels, changed (added / removed) voxels, and the time
-    taken in total and inside ONNX Runtime.
+    same grid; ``spacing_xyz``: its voxel spacing in mm; ``band``: the band half-width (default: the
+    manifest's). Returns the boxes and a dict with the numbers of components, boxes, tiles, band and
+    candidate voxels, and the time spent inside ONNX Runtime.
     """
-    started = time.perf_counter()
     if intensities.shape != labels.shape or intensities.ndim != 3:
         raise InputError(f"boundary refinement: intensities {intensities.shape} and labels {labels.shape} must be "
                          "the same 3D grid")
@@ -167,8 +178,7 @@ def refine_boundaries(
         raise BundleError(f"Bundle '{bundle.path}': the {COMPONENT} component has no patch_size. Export it again.") from None
     if patch < 1 or patch % 2 == 0:
         raise BundleError(f"Bundle '{bundle.path}': {COMPONENT} patch_size {patch} must be odd.")
-    band = float(entry.get("band_voxels", BAND_VOXELS))
-    threshold = float(entry.get("threshold", DEFAULT_THRESHOLD))
+    band = float(entry.get("band_voxels", BAND_VOXELS) if band is None else band)
     half = (patch - 1) // 2
 
     def check_cancel():
@@ -176,14 +186,11 @@ def refine_boundaries(
             raise Cancelled("Segmentation cancelled; nothing was written.")
 
     check_cancel()
-    out = labels.copy()
     tumour = labels == 2
-    info = {"components": 0, "boxes": 0, "tiles": 0, "band_voxels": 0, "candidate_voxels": 0, "changed_voxels": 0,
-            "added_voxels": 0, "removed_voxels": 0, "patch_size": patch, "band_width": band, "threshold": threshold,
-            "network_seconds": 0.0}
+    info = {"components": 0, "boxes": 0, "tiles": 0, "band_voxels": 0, "candidate_voxels": 0, "patch_size": patch,
+            "band_width": band, "network_seconds": 0.0}
     if not tumour.any():
-        info["seconds"] = round(time.perf_counter() - started, 3)
-        return out, info
+        return [], info
 
     boxes, info["components"] = tumour_boxes(tumour, spacing_xyz, band)
     info["boxes"] = len(boxes)
@@ -213,39 +220,67 @@ def refine_boundaries(
     network_seconds = 0.0
     if progress is not None:
         progress(STAGE, 0.0)
-    if total:
-        session = bundle.session(COMPONENT, device=device, threads=threads)
-        input_name = session.get_inputs()[0].name
-        done = 0
-        for start, region, candidates, tiles in work:
-            box_labels = out[region]  # a view: written in place
-            for t0, t1 in tiles:
-                check_cancel()
-                lo = [s + a - half for s, a in zip(start, t0)]
-                hi = [s + b + half for s, b in zip(start, t1)]
-                block = crop_edge(intensities, lo, hi).astype(np.float32)[None, None]
-                tic = time.perf_counter()
-                prob = session.run(None, {input_name: block})[0]
-                network_seconds += time.perf_counter() - tic
-                expected = tuple(b - a for a, b in zip(t0, t1))
-                if prob.shape[-3:] != expected:
-                    raise BundleError(
-                        f"Bundle '{bundle.path}': the {COMPONENT} network returned {prob.shape[-3:]} for an input of "
-                        f"{block.shape[-3:]}; with patch_size {patch} it must return {expected}. Export it again."
-                    )
-                sub = tuple(slice(a, b) for a, b in zip(t0, t1))
-                cand = candidates[sub]
-                new = np.where(prob[0, 0] >= threshold, np.uint8(2), np.uint8(1))
-                old = box_labels[sub]
-                changed = cand & (new != old)
-                info["added_voxels"] += int((changed & (new == 2)).sum())
-                info["removed_voxels"] += int((changed & (new == 1)).sum())
-                old[cand] = new[cand]
-                done += 1
-                if progress is not None:
-                    progress(STAGE, done / total)
-    info["changed_voxels"] = info["added_voxels"] + info["removed_voxels"]
+    out = []
+    session = bundle.session(COMPONENT, device=device, threads=threads) if total else None
+    done = 0
+    for start, region, candidates, tiles in work:
+        probability = np.zeros(candidates.shape, np.float32)
+        for t0, t1 in tiles:
+            check_cancel()
+            lo = [s + a - half for s, a in zip(start, t0)]
+            hi = [s + b + half for s, b in zip(start, t1)]
+            block = crop_edge(intensities, lo, hi).astype(np.float32)[None, None]
+            tic = time.perf_counter()
+            prob = session.run(None, {session.get_inputs()[0].name: block})[0]
+            network_seconds += time.perf_counter() - tic
+            expected = tuple(b - a for a, b in zip(t0, t1))
+            if prob.shape[-3:] != expected:
+                raise BundleError(
+                    f"Bundle '{bundle.path}': the {COMPONENT} network returned {prob.shape[-3:]} for an input of "
+                    f"{block.shape[-3:]}; with patch_size {patch} it must return {expected}. Export it again."
+                )
+            sub = tuple(slice(a, b) for a, b in zip(t0, t1))
+            probability[sub] = np.where(candidates[sub], prob[0, 0], probability[sub])
+            done += 1
+            if progress is not None:
+                progress(STAGE, done / total)
+        out.append(BandBox(region, candidates, probability))
     info["network_seconds"] = round(network_seconds, 3)
+    return out, info
+
+
+def refine_boundaries(
+    intensities: np.ndarray,
+    labels: np.ndarray,
+    spacing_xyz: tuple,
+    bundle,
+    *,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    progress: Optional[Progress] = None,
+    cancel: Optional[Cancel] = None,
+    tile: tuple[int, int, int] = DEFAULT_TILE,
+) -> tuple[np.ndarray, dict]:
+    """Relabel the band voxels of every tumour with the bundle's dense boundary CNN.
+
+    Arguments as :func:`band_probabilities`. Returns the new label map (a copy) and a dict with the numbers
+    of components, boxes, tiles, band voxels, changed (added / removed) voxels, and the time taken in total
+    and inside ONNX Runtime.
+    """
+    started = time.perf_counter()
+    boxes, info = band_probabilities(intensities, labels, spacing_xyz, bundle, device=device, threads=threads,
+                                     progress=progress, cancel=cancel, tile=tile)
+    threshold = float(bundle.component(COMPONENT).get("threshold", DEFAULT_THRESHOLD))
+    info.update(threshold=threshold, added_voxels=0, removed_voxels=0)
+    out = labels.copy()
+    for box in boxes:
+        old = out[box.region]  # a view: written in place
+        new = np.where(box.probability >= threshold, np.uint8(2), np.uint8(1))
+        changed = box.candidates & (new != old)
+        info["added_voxels"] += int((changed & (new == 2)).sum())
+        info["removed_voxels"] += int((changed & (new == 1)).sum())
+        old[box.candidates] = new[box.candidates]
+    info["changed_voxels"] = info["added_voxels"] + info["removed_voxels"]
     if progress is not None:
         progress(STAGE, 1.0)
     info["seconds"] = round(time.perf_counter() - started, 3)

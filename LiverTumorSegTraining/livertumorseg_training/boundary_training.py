@@ -59,6 +59,7 @@ from LiverTumorSegLib.refinement import (
     PADDING,
     band_margin_zyx,
     boundary_band,
+    band_probabilities,
     crop_edge,
     refine_boundaries,
     signed_distance,
@@ -264,12 +265,33 @@ def evaluate_samples(model: nn.Module, samples: BoundarySamples, device="cpu", b
     return {"loss": loss / n, "accuracy": correct / n}
 
 
+def augment_patches(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Label-preserving variation of a batch of patches (N, 1, s, s, s) of 8-bit intensities.
+
+    The class is that of the centre voxel, so flips of z, y and x and the in-plane transpose keep it (one of
+    the 16 drawn per batch). Each patch also gets an intensity gain (0.9–1.1 about the window's middle)
+    and offset (±10 levels ≈ ±20 HU), as contrast phase and scanner calibration vary between scans.
+    """
+    draw = torch.randint(0, 2, (4,), generator=generator).tolist()
+    flips = [dim for dim, flip in zip((2, 3, 4), draw) if flip]
+    if flips:
+        x = torch.flip(x, flips)
+    if draw[3]:
+        x = x.transpose(3, 4)
+    n = x.shape[0]
+    gain = 0.9 + 0.2 * torch.rand((n, 1, 1, 1, 1), generator=generator)
+    offset = 20.0 * torch.rand((n, 1, 1, 1, 1), generator=generator) - 10.0
+    return ((x - 127.5) * gain.to(x.device) + 127.5 + offset.to(x.device)).clamp_(0.0, 255.0)
+
+
 def fit_boundary_cnn(model: PatchClassifier, train: BoundarySamples, validation: Optional[BoundarySamples], *,
                      epochs_adam: int, epochs_sgd: int, batch_size: Optional[int] = None, patience: int = 10,
+                     augment: bool = True,
                      lr_adam: float = 1e-3, lr_sgd: float = 1e-4, momentum: float = 0.9, seed: int = 0,
                      device="cpu", time_limit_minutes: Optional[float] = None, log: Log = print,
                      checkpoint: Optional[Callable[[dict, dict], None]] = None) -> dict:
-    """The two-phase schedule on prepared samples; the model ends with its best weights (eval mode).
+    """The two-phase schedule on prepared samples (with :func:`augment_patches` on the training batches
+    unless ``augment`` is false); the model ends with its best weights (eval mode).
 
     Returns ``{"history", "best_epoch", "validation_loss", "validation_accuracy", "seconds"}``.
     """
@@ -303,6 +325,8 @@ def fit_boundary_cnn(model: PatchClassifier, train: BoundarySamples, validation:
                 if len(index) < 2 and len(train) > 1:
                     continue  # batch normalisation needs two samples
                 x, y = _tensor(train, index, device)
+                if augment:
+                    x = augment_patches(x, generator)
                 logits = model(x)
                 loss = F.binary_cross_entropy_with_logits(logits, y)
                 optimizer.zero_grad(set_to_none=True)
@@ -378,6 +402,7 @@ def train_boundary_cnn(
     epochs_sgd: Optional[int] = None,
     batch_size: Optional[int] = None,
     patience: int = 10,
+    augment: bool = True,
     time_limit_minutes: Optional[float] = None,
     device: str = "auto",
     contract: InputContract | None = None,
@@ -422,7 +447,7 @@ def train_boundary_cnn(
     config = {"architecture": architecture, "preset": preset, "patch_size": patch, "samples_per_class": samples_per_class,
               "validation_samples_per_class": validation_samples_per_class, "epochs_adam": epochs_adam,
               "epochs_sgd": epochs_sgd, "batch_size": batch_size or (32 if patch <= 15 else 16), "patience": patience,
-              "seed": seed, "band_voxels": BAND_VOXELS, "padding": PADDING, "contract": contract.to_dict(),
+              "augment": augment, "seed": seed, "band_voxels": BAND_VOXELS, "padding": PADDING, "contract": contract.to_dict(),
               "data": Path(dataset_dir).name}
     checkpoint_path = out / "boundary_cnn_best.pt"
 
@@ -432,7 +457,7 @@ def train_boundary_cnn(
         os.replace(tmp, checkpoint_path)
 
     fitted = fit_boundary_cnn(model, train_samples, val_samples, epochs_adam=epochs_adam, epochs_sgd=epochs_sgd,
-                              batch_size=batch_size, patience=patience, seed=seed, device=device,
+                              batch_size=batch_size, patience=patience, augment=augment, seed=seed, device=device,
                               time_limit_minutes=time_limit_minutes, log=log, checkpoint=save)
     model.to("cpu").eval()
     samples = {"train": train_samples.counts(), "validation": val_samples.counts() if val_samples else {}}
@@ -660,6 +685,59 @@ def refinement_effect(dataset_dir, bundle_dir, case_ids: Sequence[str], *, pertu
             log(f"{case_id} perturbation {k:+d}: Dice {row['dice_before']} → {row['dice_after']}")
             rows.append(row)
     return rows
+
+
+#: The (band half-width, threshold) pairs tried by :func:`tune_refinement`; the paper's pair is (6, 0.5).
+TUNING_BANDS = (1.0, 2.0, 3.0, 4.0, 6.0)
+TUNING_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def tune_refinement(dataset_dir, bundle_dir, case_ids: Sequence[str], *, bands: Sequence[float] = TUNING_BANDS,
+                    thresholds: Sequence[float] = TUNING_THRESHOLDS, threads: int = 1, log: Log = print) -> dict:
+    """Choose the band half-width and the threshold of the bundle's boundary CNN on labelled cases.
+
+    The paper relabels the whole |d| ≤ 6 band at probability 0.5; a patch classifier that is less accurate
+    than the cascade far from the boundary then undoes correct voxels, so the pair is chosen on data. Each
+    case runs through the engine up to the refinement (cascade, post-processing, and the radiomics filter
+    when the bundle has one); its labels and the reference are taken onto the processing grid, the CNN is
+    evaluated once over the widest band, and every pair relabels its own band. Score: mean tumour Dice over
+    the cases with a reference tumour. Returns ``{"cases", "unrefined_dice", "rows": [{"band", "threshold",
+    "dice"}], "best": {...}}``; the best pair may be worse than not refining, which the caller decides on.
+    """
+    from LiverTumorSegLib.metrics import dice
+    from LiverTumorSegLib.pipeline import PipelineOptions, segment
+
+    bundle = load_bundle(bundle_dir)
+    cases = {case.case_id: case for case in find_cases(dataset_dir)}
+    scores = {(float(b), float(t)): [] for b in bands for t in thresholds}
+    unrefined, used = [], []
+    for case_id in case_ids:
+        image, reference = load_case(cases[case_id])
+        if not (reference == 2).any():
+            continue
+        predicted = segment(image, bundle, PipelineOptions(threads=threads, refine=False)).labels.array
+        canonical = to_canonical(image)[0]
+        prepared = prepare_volume(canonical, bundle.contract, labels=to_canonical(image.with_array(predicted))[0].array)
+        truth = prepare_volume(canonical, bundle.contract, labels=to_canonical(image.with_array(reference))[0].array).labels == 2
+        labels = prepared.labels
+        boxes, _ = band_probabilities(prepared.intensities, labels, prepared.grid.spacing, bundle, band=max(bands),
+                                      threads=threads)
+        distances = [signed_distance(labels[box.region] == 2, prepared.grid.spacing) for box in boxes]
+        unrefined.append(dice(labels == 2, truth))
+        for (band, threshold), values in scores.items():
+            refined = labels.copy()
+            for box, distance in zip(boxes, distances):
+                view = refined[box.region]
+                chosen = box.candidates & (np.abs(distance) <= band)
+                view[chosen] = np.where(box.probability[chosen] >= threshold, 2, 1)
+            values.append(dice(refined == 2, truth))
+        used.append(case_id)
+        log(f"{case_id}: tumour Dice {unrefined[-1]:.4f} unrefined, {max(v[-1] for v in scores.values()):.4f} best pair")
+    if not used:
+        raise ValueError("refinement tuning needs labelled cases with a tumour")
+    rows = [{"band": b, "threshold": t, "dice": round(float(np.mean(v)), 4)} for (b, t), v in scores.items()]
+    best = max(rows, key=lambda row: (row["dice"], -row["band"], row["threshold"]))
+    return {"cases": used, "unrefined_dice": round(float(np.mean(unrefined)), 4), "rows": rows, "best": best}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

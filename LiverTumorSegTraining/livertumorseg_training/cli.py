@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     boundary.add_argument("--patch", type=int, default=11, choices=(9, 11, 13, 15))
     boundary.add_argument("--cases", nargs="*", default=None, help="training case ids (default: the bundle's training split)")
     boundary.add_argument("--samples-per-class", type=int, default=None)
+    boundary.add_argument("--epochs-adam", type=int, default=None, help="Adam epochs (default: the preset's)")
+    boundary.add_argument("--epochs-sgd", type=int, default=None, help="SGD fine-tuning epochs (default: the preset's)")
+    boundary.add_argument("--no-augment", action="store_true", help="no flips or intensity variation of the patches")
+    boundary.add_argument("--no-tune", action="store_true",
+                          help="keep the paper's band (6) and threshold (0.5) instead of choosing them on the validation cases")
     boundary.add_argument("--time-limit-minutes", type=float, default=None)
     boundary.add_argument("--seed", type=int, default=0)
     boundary.set_defaults(run=_boundary_cnn)
@@ -181,17 +186,31 @@ def _lesion_classifier(args) -> int:
 def _boundary_cnn(args) -> int:
     from LiverTumorSegLib.bundle import load_bundle
 
-    from .boundary_training import export_boundary_cnn, train_boundary_cnn
+    from .boundary_training import export_boundary_cnn, train_boundary_cnn, tune_refinement
 
     split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
     cases = args.cases or list(split.get("train", [])) or None
     validation = None if args.cases else (list(split.get("validation", [])) or None)
     result = train_boundary_cnn(
         args.data, args.out, preset=args.preset, patch=args.patch, samples_per_class=args.samples_per_class,
-        cases=cases, validation_cases=validation, seed=args.seed, time_limit_minutes=args.time_limit_minutes,
+        cases=cases, validation_cases=validation, seed=args.seed, epochs_adam=args.epochs_adam,
+        epochs_sgd=args.epochs_sgd, augment=not args.no_augment, time_limit_minutes=args.time_limit_minutes,
     )
     bundle = export_boundary_cnn(result, args.bundle)
     print(f"boundary CNN: validation accuracy {result.validation_accuracy:.3f}; added to {bundle.path}")
+    if args.no_tune:
+        return 0
+    tuning = tune_refinement(args.data, args.bundle, result.split["validation"])
+    (args.out / "refinement_tuning.json").write_text(json.dumps(tuning, indent=1) + "\n", encoding="utf-8")
+    best = tuning["best"]
+    export_boundary_cnn(result, args.bundle, threshold=best["threshold"], band_voxels=best["band"],
+                        metrics={"tuning": {"cases": tuning["cases"], "unrefined_dice": tuning["unrefined_dice"],
+                                            "best": best}})
+    print(f"refinement on {len(tuning['cases'])} validation cases: tumour Dice {tuning['unrefined_dice']:.4f} unrefined, "
+          f"{best['dice']:.4f} with band {best['band']:g} and threshold {best['threshold']:g} (now in the bundle)")
+    if best["dice"] <= tuning["unrefined_dice"]:
+        print("warning: no band and threshold improved tumour Dice on the validation cases; "
+              "switch the refinement off for this bundle (PipelineOptions(refine=False), --no-refine)")
     return 0
 
 
