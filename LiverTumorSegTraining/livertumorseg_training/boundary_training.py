@@ -16,7 +16,13 @@ to ``epochs_adam`` epochs (paper 30; lite 6), then SGD (lr 1e-4, momentum 0.9) f
 ``epochs_sgd`` epochs (the paper gives no number; paper preset 20, lite 4), starting from the best Adam
 weights. Batch 32 (16 for patches above 15³). Early stopping with patience 10 on the validation loss
 ends the current phase (an Adam phase that stops early hands over to SGD); the weights with the lowest
-validation loss over both phases are kept. Deterministic for a seed on one device and thread count.
+validation loss over both phases are kept. Each training batch is flipped / transposed and its patches'
+intensities varied (:func:`augment_patches`; not in the paper: phantoms are few and real scans vary).
+Deterministic for a seed on one device and thread count.
+
+Band and threshold (not in the paper). :func:`tune_refinement` runs the engine up to the refinement on the
+validation cases and picks the band half-width and probability threshold with the best tumour Dice;
+``livertumorseg-train boundary-cnn`` writes them into the bundle (``--no-tune`` keeps the paper's 6 and 0.5).
 
 Split. ``validation_cases`` default: ``max(1, round(n · 20 / 260))`` cases drawn with the seed from the
 training pool (the paper's 20 validation cases per 260), at least one when there are two or more cases.
