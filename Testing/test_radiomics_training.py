@@ -241,9 +241,18 @@ def test_table1_and_tau(tmp_path):
     assert "| Random Forest | n_trees = 350" in text and "C = 0.2, γ = 0.4" in text
     tau, metrics = lc.choose_tau(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.6, 0.9]))
     assert tau == pytest.approx(0.45) and metrics["youden_j"] == 1.0 and metrics["accuracy"] == 1.0
-    # Overlapping scores: J = 0.5 at τ ∈ (0.1, 0.35] and at τ ∈ (0.4, 0.9]; the lower interval wins.
+    # Overlapping scores: keeping both tumours needs τ ≤ 0.35, so τ is the middle of (0.1, 0.35].
     tau, metrics = lc.choose_tau(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.9]))
-    assert tau == pytest.approx(0.225) and metrics["youden_j"] == pytest.approx(0.5)
+    assert tau == pytest.approx(0.225) and metrics["youden_j"] == pytest.approx(0.5) and metrics["sensitivity"] == 1
+    # 20 tumours, two of them scored among the negatives: Youden's J would drop both (τ above 0.4, J = 0.9);
+    # keeping 95 % drops only the weakest one.
+    y = np.array([1] * 20 + [0] * 20)
+    p = np.array([0.3, 0.35] + [0.8] * 18 + list(np.linspace(0.1, 0.4, 20)))
+    tau, metrics = lc.choose_tau(y, p)
+    assert 0.3 < tau < 0.35 and metrics["sensitivity"] == 0.95
+    assert metrics["specificity"] == pytest.approx(np.mean(np.linspace(0.1, 0.4, 20) < tau))
+    tau, metrics = lc.choose_tau(y, p, min_sensitivity=1.0)
+    assert tau < 0.3 and metrics["sensitivity"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------ the filter
@@ -351,3 +360,9 @@ def test_train_lesion_classifier_end_to_end(tmp_path):
     assert classifier.feature_names == summary["selected_features"] and 0 <= classifier.tau <= 1
     meta = json.loads((bundle.path / lc.JSON_FILE).read_text(encoding="utf-8"))
     assert meta["settings"] == rf.feature_settings() and meta["samples"]["total"] == samples["total"]
+    # Refitting from the saved samples reads the same table and gives the same classifier.
+    table = rs.SampleTable.load(tmp_path / "run")
+    assert table.counts() == {k: v for k, v in samples.items() if k in table.counts()}
+    assert table.names == list(rf.FEATURE_NAMES) and len(table.radii) == len(table.y) == samples["total"]
+    again = lc.train_lesion_classifier(data, bundle_dir, seed=0, out_dir=tmp_path / "refit", samples_from=tmp_path / "run")
+    assert again["selected_features"] == summary["selected_features"] and again["tau_rf"] == summary["tau_rf"]

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     classifier.add_argument("--no-cascade-false-positives", action="store_true", help="negatives from sampling only")
     classifier.add_argument("--negative-ratio", type=float, default=1.0)
     classifier.add_argument("--threads", type=int, default=1)
+    classifier.add_argument("--samples", type=Path, default=None,
+                            help="refit from an earlier run folder's radiomics_samples.* instead of extracting features again")
     classifier.add_argument("--seed", type=int, default=0)
     classifier.set_defaults(run=_lesion_classifier)
 
@@ -177,7 +179,7 @@ def _lesion_classifier(args) -> int:
     summary = train_lesion_classifier(
         args.data, args.bundle, cases=_training_cases(args), seed=args.seed,
         use_cascade_false_positives=not args.no_cascade_false_positives, out_dir=args.out,
-        negative_ratio=args.negative_ratio, threads=args.threads,
+        negative_ratio=args.negative_ratio, threads=args.threads, samples_from=args.samples,
     )
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -2,9 +2,8 @@
 
 - Random forest as in §4.2: 350 trees, maximum depth 16, at least 10 samples per leaf, balanced class
   weights, on the selected features standardised with the training set's mean and standard deviation.
-- τ_rf is chosen on validation data as the probability threshold with the largest Youden index
-  J = sensitivity + specificity − 1 (ties: the lowest such threshold, which keeps more true tumours),
-  placed in the middle of the gap below it. Validation
+- τ_rf is chosen on validation data as the highest probability threshold that keeps 95 % of the true
+  tumours (:func:`choose_tau`), placed in the middle of the score gap below it. Validation
   data are held-out *cases* (20 %, at least one) when there are five cases or more, so that the regions
   of one patient never sit on both sides; with fewer cases, a stratified 20 % of the regions.
 - The exported model is the forest trained on the training cases; its ONNX form (skl2onnx, float32 input
@@ -41,6 +40,8 @@ ONNX_FILE = "lesion_classifier.onnx"
 JSON_FILE = "lesion_classifier.json"
 VALIDATION_FRACTION = 0.2
 CASE_SPLIT_MIN_CASES = 5
+#: Share of the validation tumours τ_rf must keep (see :func:`choose_tau`).
+MIN_SENSITIVITY = 0.95
 
 
 def make_random_forest(seed: int = 0, n_jobs: int = 1):
@@ -115,12 +116,15 @@ def write_table1(results: dict, path: str | Path) -> Path:
     return path
 
 
-def choose_tau(y_true: np.ndarray, probability: np.ndarray) -> tuple[float, dict]:
-    """τ_rf with the largest Youden J on validation data, and the metrics there.
+def choose_tau(y_true: np.ndarray, probability: np.ndarray, min_sensitivity: float = MIN_SENSITIVITY) -> tuple[float, dict]:
+    """τ_rf on validation data: the highest threshold that still keeps ``min_sensitivity`` of the true
+    tumours, and the metrics there.
 
-    Thresholds between two neighbouring validation scores classify the validation data alike; of the
-    lowest-threshold interval that reaches the maximum J, τ is the middle (a margin on both sides, not a
-    threshold sitting on the weakest true tumour's score).
+    The paper fixes τ_rf without saying how. A filter that drops a true tumour loses all of its Dice and a
+    detection, while a kept false positive costs only its own voxels, so τ is held below nearly all true
+    tumours rather than balancing both errors (Youden's J, reported, would drop more of them). Thresholds
+    between two neighbouring validation scores classify the validation data alike: τ is the middle of the
+    gap below the chosen score (a margin on both sides, not a threshold on the weakest kept tumour's score).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -128,20 +132,21 @@ def choose_tau(y_true: np.ndarray, probability: np.ndarray) -> tuple[float, dict
     probability = np.asarray(probability, dtype=np.float64)
     scores = np.unique(probability)  # ascending; τ = scores[i] calls scores ≥ scores[i] tumour
     positives, negatives = max(int(y_true.sum()), 1), max(int((1 - y_true).sum()), 1)
-    best_j, best_i = -np.inf, 0
+    chosen = 0
     for i, tau in enumerate(scores):
-        called = probability >= tau
-        j = called[y_true == 1].sum() / positives - called[y_true == 0].sum() / negatives
-        if j > best_j + 1e-12:
-            best_j, best_i = j, i
-    lower = scores[best_i - 1] if best_i > 0 else 0.0
-    tau = float((scores[best_i] + lower) / 2)
+        if (probability[y_true == 1] >= tau).sum() / positives >= min_sensitivity - 1e-12:
+            chosen = i
+    lower = scores[chosen - 1] if chosen > 0 else 0.0
+    tau = float((scores[chosen] + lower) / 2)
     predicted = probability >= tau
+    sensitivity = float(predicted[y_true == 1].sum() / positives)
+    specificity = float((~predicted[y_true == 0]).sum() / negatives)
     metrics = {
         "auc": float(roc_auc_score(y_true, probability)) if len(np.unique(y_true)) == 2 else float("nan"),
-        "youden_j": float(best_j),
-        "sensitivity": float(predicted[y_true == 1].mean()),
-        "specificity": float((~predicted[y_true == 0]).mean()),
+        "min_sensitivity": float(min_sensitivity),
+        "youden_j": sensitivity + specificity - 1,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
         "accuracy": float((predicted == (y_true == 1)).mean()),
         "samples": int(len(y_true)),
     }
@@ -221,7 +226,7 @@ def fit_classifier(table, *, seed: int = 0, out_dir: str | Path | None = None, f
         "mean": selection.mean.tolist(),
         "std": selection.std.tolist(),
         "tau_rf": tau,
-        "tau_rule": "maximum Youden J on the validation regions (lowest on ties), middle of the score gap below",
+        "tau_rule": f"highest threshold keeping {MIN_SENSITIVITY:.0%} of the validation tumours, middle of the score gap below",
         "settings": feature_settings(),
         "model": {"type": "RandomForestClassifier", **RF_PARAMS, "random_state": seed, "input": "standardised float32",
                   "output": "probabilities[:, 1] = true tumour"},
@@ -270,6 +275,7 @@ def train_lesion_classifier(
     radii: Sequence[int] | None = None,
     threads: int = 1,
     progress: Callable[[str, float], None] | None = None,
+    samples_from: str | Path | None = None,
 ) -> dict:
     """Train the radiomics classifier on a dataset and add it to the bundle at ``bundle_dir``.
 
@@ -278,20 +284,25 @@ def train_lesion_classifier(
     case and their false-positive components join the negatives. ``negative_ratio``: sampled negatives
     per annotated tumour; ``radii``: the negative balls' radii in pixels (default 2, 4, …, 48). ``out_dir`` receives the samples
     (``radiomics_samples.*``), ``table1.md``, the ONNX + JSON and ``summary.json``.
+    ``samples_from``: a folder holding an earlier run's ``radiomics_samples.*``, refitted without extracting
+    the features again (the dataset, cases and sampling options are then not used).
     Returns the summary (counts, selected features, τ_rf, metrics, Table 1).
     """
     from LiverTumorSegLib.bundle import load_bundle
 
-    from .radiomics_samples import RADII, collect_samples
+    from .radiomics_samples import RADII, SampleTable, collect_samples
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(bundle_dir)
     started = time.perf_counter()
-    table = collect_samples(
-        dataset_dir, cases=cases, seed=seed, negative_ratio=negative_ratio, radii=radii or RADII, bundle=bundle,
-        use_cascade_false_positives=use_cascade_false_positives, threads=threads, progress=progress,
-    )
+    if samples_from is not None:
+        table = SampleTable.load(samples_from)
+    else:
+        table = collect_samples(
+            dataset_dir, cases=cases, seed=seed, negative_ratio=negative_ratio, radii=radii or RADII, bundle=bundle,
+            use_cascade_false_positives=use_cascade_false_positives, threads=threads, progress=progress,
+        )
     table.save(out_dir)
     sampling_s = time.perf_counter() - started
     result = fit_classifier(table, seed=seed, out_dir=out_dir)

@@ -259,6 +259,21 @@ class SampleTable:
         return folder
 
     @classmethod
+    def load(cls, folder: str | Path) -> "SampleTable":
+        """Read a table written by :meth:`save`."""
+        folder = Path(folder)
+        with np.load(folder / "radiomics_samples.npz", allow_pickle=False) as data:
+            X, y, names = data["X"], data["y"], [str(n) for n in data["names"]]
+        with open(folder / "radiomics_samples.csv", newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if len(rows) != len(y):
+            raise ValueError(f"{folder}: radiomics_samples.csv has {len(rows)} rows for {len(y)} feature rows")
+        counts = json.loads((folder / "radiomics_samples.json").read_text(encoding="utf-8"))
+        return cls(X, y, [r["kind"] for r in rows], [r["case_id"] for r in rows],
+                   [int(r["radius"]) if r["radius"] else None for r in rows], [int(r["voxels"]) for r in rows],
+                   names, int(counts.get("negative_shortfall", 0)))
+
+    @classmethod
     def concatenate(cls, tables: Sequence["SampleTable"]) -> "SampleTable":
         tables = [t for t in tables if len(t.y)]
         if not tables:
