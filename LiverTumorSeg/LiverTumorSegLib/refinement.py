@@ -27,7 +27,9 @@ band of the whole mask.
 
 Relabelling. Only band voxels inside the liver (label 1 or 2) can change: probability ≥ threshold (0.5,
 from the manifest) → tumour (2), otherwise liver (1). Voxels outside the liver never become tumour, and a
-voxel leaving the tumour stays liver, so tumour ⊂ liver is kept.
+voxel leaving the tumour stays liver, so tumour ⊂ liver is kept. Tumour components that the relabelling
+creates apart from every existing lesion are turned back to liver (:func:`drop_new_fragments`): the stage
+moves boundaries, it does not add lesions.
 """
 
 from __future__ import annotations
@@ -280,8 +282,31 @@ def refine_boundaries(
         info["added_voxels"] += int((changed & (new == 2)).sum())
         info["removed_voxels"] += int((changed & (new == 1)).sum())
         old[box.candidates] = new[box.candidates]
+    dropped = drop_new_fragments(out, labels == 2)
+    info["added_voxels"] -= dropped
+    info["dropped_fragment_voxels"] = dropped
     info["changed_voxels"] = info["added_voxels"] + info["removed_voxels"]
     if progress is not None:
         progress(STAGE, 1.0)
     info["seconds"] = round(time.perf_counter() - started, 3)
     return out, info
+
+
+def drop_new_fragments(labels: np.ndarray, tumour_before: np.ndarray) -> int:
+    """Turn back to liver, in place, every tumour component of ``labels`` that shares no voxel with the
+    tumour before refinement; return how many voxels that was.
+
+    Refinement moves lesion boundaries; which lesions exist is decided by the cascade and the radiomics
+    filter. Band voxels that a patch classifier calls tumour away from any lesion would otherwise become
+    new, unfiltered lesions (26-connectivity, as for the candidates).
+    """
+    tumour = labels == 2
+    components, count = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return 0
+    keep = np.zeros(count + 1, bool)
+    keep[np.unique(components[tumour & tumour_before])] = True
+    keep[0] = True
+    new = ~keep[components]
+    labels[new] = 1
+    return int(new.sum())

@@ -67,6 +67,7 @@ from LiverTumorSegLib.refinement import (
     boundary_band,
     band_probabilities,
     crop_edge,
+    drop_new_fragments,
     refine_boundaries,
     signed_distance,
 )
@@ -736,6 +737,7 @@ def tune_refinement(dataset_dir, bundle_dir, case_ids: Sequence[str], *, bands: 
                 view = refined[box.region]
                 chosen = box.candidates & (np.abs(distance) <= band)
                 view[chosen] = np.where(box.probability[chosen] >= threshold, 2, 1)
+            drop_new_fragments(refined, labels == 2)
             values.append(dice(refined == 2, truth))
         used.append(case_id)
         log(f"{case_id}: tumour Dice {unrefined[-1]:.4f} unrefined, {max(v[-1] for v in scores.values()):.4f} best pair")
