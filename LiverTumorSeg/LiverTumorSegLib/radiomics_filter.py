@@ -317,7 +317,7 @@ def _radiomics():
     except ImportError as error:
         raise LiverTumorSegError(
             f"The radiomics filter needs pyradiomics, which cannot be imported here ({error}). Install it with "
-            "'pip install pyradiomics-bhklab' (or the engine's [radiomics] extra), or switch the radiomics filter off."
+            "'pip install pyradiomics-bhklab' (a dependency of the engine), or switch the radiomics filter off."
         ) from None
 
     logging.getLogger("radiomics").setLevel(logging.WARNING)  # pyradiomics logs every step at INFO
