@@ -17,6 +17,7 @@ from LiverTumorSegLib.refinement import (
     band_margin_zyx,
     boundary_band,
     crop_edge,
+    drop_new_fragments,
     refine_boundaries,
     signed_distance,
     tumour_boxes,
@@ -153,6 +154,28 @@ def test_shrinks_a_tumour_that_leaks_into_dark_liver(tmp_path):
     assert np.array_equal(refined == 2, truth & liver)
     assert np.all(refined[grown & ~truth] == 1)  # voxels leaving the tumour stay liver
     assert info["removed_voxels"] > 0 and info["added_voxels"] == 0
+
+
+def test_refinement_moves_boundaries_but_adds_no_lesion(tmp_path):
+    """A bright spot in the band but apart from the tumour is called tumour by the network; it must not
+    become a new lesion, while the tumour itself still grows."""
+    intensities, labels, liver, truth = _scene()
+    spot = np.zeros_like(truth)
+    spot[12, 32, 30] = True  # 14 mm from the centre: 6 from the eroded tumour (in the band), 2 from the true one
+    assert not np.any(spot & truth)
+    intensities[spot] = 200
+    refined, info = refine_boundaries(intensities, labels, SPACING, _bundle(tmp_path), threads=1)
+    assert np.all(refined[spot] == 1) and info["dropped_fragment_voxels"] == int(spot.sum())
+    assert np.array_equal(refined == 2, truth & liver)
+    assert info["added_voxels"] == int((truth & liver).sum() - (labels == 2).sum())
+
+    grid = np.ones((3, 12, 12), np.uint8)
+    grid[1, 2:5, 2:5] = 2  # kept: overlaps the tumour before
+    grid[1, 8:10, 8:10] = 2  # new: turned back to liver
+    before = np.zeros(grid.shape, bool)
+    before[1, 3, 3] = True
+    assert drop_new_fragments(grid, before) == 4
+    assert (grid == 2).sum() == 9 and np.all(grid[1, 8:10, 8:10] == 1)
 
 
 def test_no_tumour_cancel_and_bad_inputs(tmp_path):
