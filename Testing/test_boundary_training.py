@@ -16,6 +16,7 @@ from LiverTumorSegLib.image_io import Geometry, Image, write_image  # noqa: E402
 from LiverTumorSegLib.preprocess import InputContract, prepare_volume  # noqa: E402
 from LiverTumorSegLib.refinement import boundary_band, crop_edge, refine_boundaries  # noqa: E402
 from livertumorseg_training.boundary_training import (  # noqa: E402
+    apply_tuning,
     architecture_study,
     augment_patches,
     case_band,
@@ -350,3 +351,8 @@ def test_refinement_tuning_scores_the_engines_relabelling(lits, tmp_path):
     refined, info = refine_boundaries(prepared.intensities, prepared.labels, prepared.grid.spacing, bundle, threads=1)
     assert info["candidate_voxels"] > 0
     assert by_pair[(6.0, 0.5)] == round(dice(refined == 2, truth), 4)
+
+    apply_tuning(tmp_path / "bundle", tuning)
+    entry = load_bundle(tmp_path / "bundle").component("boundary_cnn")
+    assert (entry["band_voxels"], entry["threshold"]) == (tuning["best"]["band"], tuning["best"]["threshold"])
+    assert load_bundle(tmp_path / "bundle").manifest["metrics"]["boundary_cnn"]["tuning"]["best"] == tuning["best"]

@@ -22,7 +22,8 @@ Deterministic for a seed on one device and thread count.
 
 Band and threshold (not in the paper). :func:`tune_refinement` runs the engine up to the refinement on the
 validation cases and picks the band half-width and probability threshold with the best tumour Dice;
-``livertumorseg-train boundary-cnn`` writes them into the bundle (``--no-tune`` keeps the paper's 6 and 0.5).
+``livertumorseg-train boundary-cnn`` writes them into the bundle (``--no-tune`` keeps the paper's 6 and 0.5);
+``livertumorseg-train tune-refinement`` chooses them again on any other labelled cases (:func:`apply_tuning`).
 
 Split. ``validation_cases`` default: ``max(1, round(n · 20 / 260))`` cases drawn with the seed from the
 training pool (the paper's 20 validation cases per 260), at least one when there are two or more cases.
@@ -746,6 +747,17 @@ def tune_refinement(dataset_dir, bundle_dir, case_ids: Sequence[str], *, bands: 
     rows = [{"band": b, "threshold": t, "dice": round(float(np.mean(v)), 4)} for (b, t), v in scores.items()]
     best = max(rows, key=lambda row: (row["dice"], -row["band"], row["threshold"]))
     return {"cases": used, "unrefined_dice": round(float(np.mean(unrefined)), 4), "rows": rows, "best": best}
+
+
+def apply_tuning(bundle_dir, tuning: dict) -> Bundle:
+    """Write the best band and threshold of a :func:`tune_refinement` result into the bundle's
+    ``boundary_cnn`` entry, with the tuning's cases and scores under ``metrics``."""
+    bundle = load_bundle(bundle_dir)
+    best = tuning["best"]
+    entry = {**bundle.component(COMPONENT), "band_voxels": float(best["band"]), "threshold": float(best["threshold"])}
+    record = {"cases": tuning["cases"], "data": tuning.get("data"), "unrefined_dice": tuning["unrefined_dice"], "best": best}
+    return extend_bundle(bundle_dir, {COMPONENT: entry}, {}, {"metrics": {COMPONENT: {**bundle.manifest.get(
+        "metrics", {}).get(COMPONENT, {}), "tuning": record}}})
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

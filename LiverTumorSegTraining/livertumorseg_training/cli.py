@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     boundary.add_argument("--seed", type=int, default=0)
     boundary.set_defaults(run=_boundary_cnn)
 
+    tune = commands.add_parser("tune-refinement", help="choose the boundary CNN's band and threshold on labelled cases")
+    tune.add_argument("--data", required=True, help="labelled cases never used for training or testing")
+    tune.add_argument("--bundle", required=True, type=Path, help="bundle with a boundary_cnn; its band and threshold are set")
+    tune.add_argument("--out", required=True, type=Path, help="folder for refinement_tuning.json")
+    tune.add_argument("--cases", nargs="*", default=None, help="case ids (default: all of --data)")
+    tune.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
+    tune.set_defaults(run=_tune_refinement)
+
     from .evaluation import add_evaluate_arguments, run_evaluate
 
     add_evaluate_arguments(
@@ -202,16 +210,30 @@ def _boundary_cnn(args) -> int:
     print(f"boundary CNN: validation accuracy {result.validation_accuracy:.3f}; added to {bundle.path}")
     if args.no_tune:
         return 0
-    tuning = tune_refinement(args.data, args.bundle, result.split["validation"])
-    (args.out / "refinement_tuning.json").write_text(json.dumps(tuning, indent=1) + "\n", encoding="utf-8")
+    return _report_tuning(args.bundle, args.out, tune_refinement(args.data, args.bundle, result.split["validation"]), args.data)
+
+
+def _tune_refinement(args) -> int:
+    from .boundary_training import tune_refinement
+    from .datasets import find_cases
+
+    cases = args.cases or [case.case_id for case in find_cases(args.data)]
+    tuning = tune_refinement(args.data, args.bundle, cases, threads=args.threads)
+    return _report_tuning(args.bundle, args.out, tuning, args.data)
+
+
+def _report_tuning(bundle_dir: Path, out: Path, tuning: dict, data) -> int:
+    from .boundary_training import apply_tuning
+
+    tuning["data"] = str(data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "refinement_tuning.json").write_text(json.dumps(tuning, indent=1) + "\n", encoding="utf-8")
+    apply_tuning(bundle_dir, tuning)
     best = tuning["best"]
-    export_boundary_cnn(result, args.bundle, threshold=best["threshold"], band_voxels=best["band"],
-                        metrics={"tuning": {"cases": tuning["cases"], "unrefined_dice": tuning["unrefined_dice"],
-                                            "best": best}})
-    print(f"refinement on {len(tuning['cases'])} validation cases: tumour Dice {tuning['unrefined_dice']:.4f} unrefined, "
-          f"{best['dice']:.4f} with band {best['band']:g} and threshold {best['threshold']:g} (now in the bundle)")
+    print(f"refinement on {len(tuning['cases'])} cases: tumour Dice {tuning['unrefined_dice']:.4f} unrefined, "
+          f"{best['dice']:.4f} with band {best['band']:g} and threshold {best['threshold']:g} (now in {bundle_dir})")
     if best["dice"] <= tuning["unrefined_dice"]:
-        print("warning: no band and threshold improved tumour Dice on the validation cases; "
+        print("warning: no band and threshold improved tumour Dice on these cases; "
               "switch the refinement off for this bundle (PipelineOptions(refine=False), --no-refine)")
     return 0
 
