@@ -29,8 +29,7 @@ cascade ablation-dense --no-attention
 cascade full
 
 if ! grep -q lesion_classifier "$RUNS/full/bundle/manifest.json"; then
-  # twelve training cases (two of them for choosing τ), as docs/table1_lesion_classifier.md; negatives include
-  # this cascade's false positives
+  # twelve training cases (two of them for choosing τ); negatives include this cascade's false positives
   "$BIN/livertumorseg-train" lesion-classifier --data "$DATA" --bundle "$RUNS/full/bundle" --out "$RUNS/full/lesion-classifier" \
     --cases lits-0 lits-1 lits-2 lits-3 lits-6 lits-7 lits-8 lits-9 lits-11 lits-13 lits-14 lits-15 --threads 2
 fi
