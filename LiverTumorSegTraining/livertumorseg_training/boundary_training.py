@@ -709,8 +709,9 @@ def tune_refinement(dataset_dir, bundle_dir, case_ids: Sequence[str], *, bands: 
     case runs through the engine up to the refinement (cascade, post-processing, and the radiomics filter
     when the bundle has one); its labels and the reference are taken onto the processing grid, the CNN is
     evaluated once over the widest band, and every pair relabels its own band. Score: mean tumour Dice over
-    the cases with a reference tumour. Returns ``{"cases", "unrefined_dice", "rows": [{"band", "threshold",
-    "dice"}], "best": {...}}``; the best pair may be worse than not refining, which the caller decides on.
+    the cases with a reference tumour. Returns ``{"cases", "unrefined_dice", "unrefined_per_case", "rows":
+    [{"band", "threshold", "dice", "per_case"}], "best": {"band", "threshold", "dice"}}``; the best pair may
+    be worse than not refining, which the caller decides on.
     """
     from LiverTumorSegLib.metrics import dice
     from LiverTumorSegLib.pipeline import PipelineOptions, segment
@@ -744,9 +745,12 @@ def tune_refinement(dataset_dir, bundle_dir, case_ids: Sequence[str], *, bands: 
         log(f"{case_id}: tumour Dice {unrefined[-1]:.4f} unrefined, {max(v[-1] for v in scores.values()):.4f} best pair")
     if not used:
         raise ValueError("refinement tuning needs labelled cases with a tumour")
-    rows = [{"band": b, "threshold": t, "dice": round(float(np.mean(v)), 4)} for (b, t), v in scores.items()]
+    rows = [{"band": b, "threshold": t, "dice": round(float(np.mean(v)), 4), "per_case": [round(x, 4) for x in v]}
+            for (b, t), v in scores.items()]
     best = max(rows, key=lambda row: (row["dice"], -row["band"], row["threshold"]))
-    return {"cases": used, "unrefined_dice": round(float(np.mean(unrefined)), 4), "rows": rows, "best": best}
+    return {"cases": used, "unrefined_dice": round(float(np.mean(unrefined)), 4),
+            "unrefined_per_case": [round(x, 4) for x in unrefined], "rows": rows,
+            "best": {k: v for k, v in best.items() if k != "per_case"}}
 
 
 def apply_tuning(bundle_dir, tuning: dict) -> Bundle:
