@@ -72,6 +72,13 @@ class PreparedVolume:
         full[:, inside[0], inside[1]] = array[:, within[0], within[1]]
         return full
 
+    def crop_labels(self, image: Image, labels: np.ndarray) -> np.ndarray:
+        """A label map on the grid of the canonical ``image`` this volume was prepared from, taken onto the
+        same crop (nearest neighbour)."""
+        on_grid = resample(image.with_array(labels.astype(np.uint8, copy=False)), self.grid, self.grid_shape,
+                           order=0, fill=0).array
+        return crop_padded(on_grid, self.crop)
+
 
 def processing_grid(geometry: Geometry, shape_zyx: tuple[int, int, int], spacing_mm: float) -> tuple[Geometry, tuple]:
     """The grid with ``spacing_mm`` in-plane over the same physical extent, slices unchanged."""
@@ -162,11 +169,10 @@ def prepare_volume(image: Image, contract: InputContract, labels: np.ndarray | N
     hu_crop = crop_padded(np.clip(np.rint(hu), -32768, 32767).astype(np.int16), crop, fill=int(air))
     del hu
     intensities = window_to_uint8(hu_crop, contract.hu_window)
-    cropped_labels = None
+    prepared = PreparedVolume(intensities, hu_crop, grid, shape, crop)
     if labels is not None:
-        on_grid = resample(image.with_array(labels.astype(np.uint8, copy=False)), grid, shape, order=0, fill=0).array
-        cropped_labels = crop_padded(on_grid, crop)
-    return PreparedVolume(intensities, hu_crop, grid, shape, crop, cropped_labels)
+        prepared.labels = prepared.crop_labels(image, labels)
+    return prepared
 
 
 def slice_stacks(intensities: np.ndarray, z_indices: np.ndarray, offsets=(-1, 0, 1)) -> np.ndarray:

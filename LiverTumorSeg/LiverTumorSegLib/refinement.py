@@ -140,11 +140,13 @@ def tumour_boxes(tumour: np.ndarray, spacing_xyz, band: float = BAND_VOXELS) -> 
 
 @dataclass
 class BandBox:
-    """One merged box: its slices in the processing grid, its candidate voxels (band voxels inside the liver)
-    and the network's tumour probability (float32, 0 outside the candidates)."""
+    """One merged box: its slices in the processing grid, its candidate voxels (band voxels inside the liver),
+    the tumour's signed distance there and the network's tumour probability (float32, 0 outside the
+    candidates)."""
 
     region: tuple
     candidates: np.ndarray
+    distance: np.ndarray
     probability: np.ndarray
 
 
@@ -196,10 +198,10 @@ def band_probabilities(
 
     boxes, info["components"] = tumour_boxes(tumour, spacing_xyz, band)
     info["boxes"] = len(boxes)
-    work = []  # (box start, box slices, candidate voxels, tiles holding candidates)
+    work = []  # (box start, box slices, candidate voxels, signed distance, tiles holding candidates)
     for start, stop in boxes:
         region = tuple(slice(a, b) for a, b in zip(start, stop))
-        in_band, _ = boundary_band(tumour[region], spacing_xyz, band)
+        in_band, distance = boundary_band(tumour[region], spacing_xyz, band)
         candidates = in_band & (labels[region] > 0)
         info["band_voxels"] += int(in_band.sum())
         info["candidate_voxels"] += int(candidates.sum())
@@ -215,17 +217,19 @@ def band_probabilities(
                     if len(found[0]):  # evaluate the candidates' bounding box within the tile only
                         tiles.append((tuple(a + int(f.min()) for a, f in zip(t0, found)),
                                       tuple(a + int(f.max()) + 1 for a, f in zip(t0, found))))
-        work.append((start, region, candidates, tiles))
+        work.append((start, region, candidates, distance, tiles))
         check_cancel()
-    total = sum(len(w[3]) for w in work)
+    total = sum(len(w[4]) for w in work)
     info["tiles"] = total
     network_seconds = 0.0
     if progress is not None:
         progress(STAGE, 0.0)
     out = []
-    session = bundle.session(COMPONENT, device=device, threads=threads) if total else None
+    if total:
+        session = bundle.session(COMPONENT, device=device, threads=threads)
+        input_name = session.get_inputs()[0].name
     done = 0
-    for start, region, candidates, tiles in work:
+    for start, region, candidates, distance, tiles in work:
         probability = np.zeros(candidates.shape, np.float32)
         for t0, t1 in tiles:
             check_cancel()
@@ -233,7 +237,7 @@ def band_probabilities(
             hi = [s + b + half for s, b in zip(start, t1)]
             block = crop_edge(intensities, lo, hi).astype(np.float32)[None, None]
             tic = time.perf_counter()
-            prob = session.run(None, {session.get_inputs()[0].name: block})[0]
+            prob = session.run(None, {input_name: block})[0]
             network_seconds += time.perf_counter() - tic
             expected = tuple(b - a for a, b in zip(t0, t1))
             if prob.shape[-3:] != expected:
@@ -246,7 +250,7 @@ def band_probabilities(
             done += 1
             if progress is not None:
                 progress(STAGE, done / total)
-        out.append(BandBox(region, candidates, probability))
+        out.append(BandBox(region, candidates, distance, probability))
     info["network_seconds"] = round(network_seconds, 3)
     return out, info
 
@@ -273,23 +277,31 @@ def refine_boundaries(
     boxes, info = band_probabilities(intensities, labels, spacing_xyz, bundle, device=device, threads=threads,
                                      progress=progress, cancel=cancel, tile=tile)
     threshold = float(bundle.component(COMPONENT).get("threshold", DEFAULT_THRESHOLD))
-    info.update(threshold=threshold, added_voxels=0, removed_voxels=0)
-    out = labels.copy()
-    for box in boxes:
-        old = out[box.region]  # a view: written in place
-        new = np.where(box.probability >= threshold, np.uint8(2), np.uint8(1))
-        changed = box.candidates & (new != old)
-        info["added_voxels"] += int((changed & (new == 2)).sum())
-        info["removed_voxels"] += int((changed & (new == 1)).sum())
-        old[box.candidates] = new[box.candidates]
-    dropped = drop_new_fragments(out, labels == 2)
-    info["added_voxels"] -= dropped
-    info["dropped_fragment_voxels"] = dropped
-    info["changed_voxels"] = info["added_voxels"] + info["removed_voxels"]
+    out, counts = relabel(labels, boxes, threshold)
+    info.update(threshold=threshold, **counts)
     if progress is not None:
         progress(STAGE, 1.0)
     info["seconds"] = round(time.perf_counter() - started, 3)
     return out, info
+
+
+def relabel(labels: np.ndarray, boxes: list[BandBox], threshold: float, band: Optional[float] = None) -> tuple[np.ndarray, dict]:
+    """The refined label map (a copy): each candidate voxel (within ``band`` of the tumour's boundary when
+    given, else all) becomes tumour at probability ≥ ``threshold`` and liver below it; then
+    :func:`drop_new_fragments`. Also returns the added, removed, changed and dropped-fragment voxel counts."""
+    out = labels.copy()
+    added = removed = 0
+    for box in boxes:
+        chosen = box.candidates if band is None else box.candidates & (np.abs(box.distance) <= band)
+        old = out[box.region]  # a view: written in place
+        new = np.where(box.probability >= threshold, np.uint8(2), np.uint8(1))
+        changed = chosen & (new != old)
+        added += int((changed & (new == 2)).sum())
+        removed += int((changed & (new == 1)).sum())
+        old[chosen] = new[chosen]
+    dropped = drop_new_fragments(out, labels == 2)
+    return out, {"added_voxels": added - dropped, "removed_voxels": removed, "changed_voxels": added - dropped + removed,
+                 "dropped_fragment_voxels": dropped}
 
 
 def drop_new_fragments(labels: np.ndarray, tumour_before: np.ndarray) -> int:

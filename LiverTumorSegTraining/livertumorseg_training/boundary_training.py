@@ -68,8 +68,8 @@ from LiverTumorSegLib.refinement import (
     boundary_band,
     band_probabilities,
     crop_edge,
-    drop_new_fragments,
     refine_boundaries,
+    relabel,
     signed_distance,
 )
 
@@ -727,19 +727,13 @@ def tune_refinement(dataset_dir, bundle_dir, case_ids: Sequence[str], *, bands: 
         predicted = segment(image, bundle, PipelineOptions(threads=threads, refine=False)).labels.array
         canonical = to_canonical(image)[0]
         prepared = prepare_volume(canonical, bundle.contract, labels=to_canonical(image.with_array(predicted))[0].array)
-        truth = prepare_volume(canonical, bundle.contract, labels=to_canonical(image.with_array(reference))[0].array).labels == 2
+        truth = prepared.crop_labels(canonical, to_canonical(image.with_array(reference))[0].array) == 2
         labels = prepared.labels
         boxes, _ = band_probabilities(prepared.intensities, labels, prepared.grid.spacing, bundle, band=max(bands),
                                       threads=threads)
-        distances = [signed_distance(labels[box.region] == 2, prepared.grid.spacing) for box in boxes]
         unrefined.append(dice(labels == 2, truth))
         for (band, threshold), values in scores.items():
-            refined = labels.copy()
-            for box, distance in zip(boxes, distances):
-                view = refined[box.region]
-                chosen = box.candidates & (np.abs(distance) <= band)
-                view[chosen] = np.where(box.probability[chosen] >= threshold, 2, 1)
-            drop_new_fragments(refined, labels == 2)
+            refined, _ = relabel(labels, boxes, threshold, band)
             values.append(dice(refined == 2, truth))
         used.append(case_id)
         log(f"{case_id}: tumour Dice {unrefined[-1]:.4f} unrefined, {max(v[-1] for v in scores.values()):.4f} best pair")
