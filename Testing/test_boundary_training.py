@@ -299,7 +299,7 @@ def test_studies_write_tables(lits, tmp_path):
 def test_augmentation_keeps_the_centre_voxel_and_maps_intensities_affinely():
     patches = torch.from_numpy(np.random.default_rng(0).permutation(9 ** 3).reshape(1, 1, 9, 9, 9) % 200 + 20.0)
     generator = torch.Generator().manual_seed(3)
-    centre_kept, shapes = 0, set()
+    shapes, moved = set(), 0
     for _ in range(20):
         out = augment_patches(patches.clone(), generator)
         shapes.add(tuple(out.shape))
@@ -307,9 +307,9 @@ def test_augmentation_keeps_the_centre_voxel_and_maps_intensities_affinely():
         gain, offset = np.polyfit(np.sort(patches.ravel().numpy()), np.sort(out.ravel().numpy()), 1)
         assert 0.9 <= gain <= 1.1 and -10 - 12.75 <= offset <= 10 + 12.75
         np.testing.assert_allclose(out[0, 0, 4, 4, 4], patches[0, 0, 4, 4, 4] * gain + offset, atol=1e-3)
-        centre_kept += 1
+        moved += not torch.allclose(out, patches * gain + offset, atol=1e-2)
         assert out.min() >= 0 and out.max() <= 255
-    assert shapes == {(1, 1, 9, 9, 9)} and centre_kept == 20
+    assert shapes == {(1, 1, 9, 9, 9)} and moved >= 10  # 15 of the 16 symmetries move voxels
     again = augment_patches(patches.clone(), torch.Generator().manual_seed(3))
     assert torch.equal(again, augment_patches(patches.clone(), torch.Generator().manual_seed(3)))
 
