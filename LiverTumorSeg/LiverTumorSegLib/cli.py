@@ -18,7 +18,8 @@ EXIT_CODES = """exit codes:
   0    success
   1    unexpected problem (please report it with the message)
   2    bad input image (missing, unreadable, not a 3D CT volume)
-  3    output problem (exists without --overwrite, not writable)
+  3    output problem (exists without --overwrite; is, holds or lies inside an input; not a previous
+       output of livertumorseg; not writable)
   4    model bundle problem (missing, damaged, unknown version)
   130  cancelled (Ctrl-C or SIGTERM); nothing was written
 """
@@ -100,7 +101,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-lesion", action="store_true", help="one segment per lesion in the .seg.nrrd")
     parser.add_argument("--label-format", choices=("nifti", "nrrd"), default="nifti")
     parser.add_argument("--skip-intensity-check", action="store_true", help="accept images that do not look like CT in HU")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous output folder of livertumorseg (never an input or any other folder)")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                         help="progress on stderr: a bar, one JSON object per line (for the Slicer module), or nothing")
 
@@ -118,7 +119,7 @@ def _options(args):
     )
 
 
-def _run(args, image, title: str):
+def _run(args, image, title: str, inputs=()):
     from .bundle import load_bundle
     from .pipeline import segment, write_outputs
 
@@ -128,29 +129,29 @@ def _run(args, image, title: str):
     result = segment(image, bundle, options, progress=reporter)
     reporter.close()
     out = write_outputs(result, image, args.output, overwrite=args.overwrite, label_format=args.label_format,
-                        per_lesion=args.per_lesion, title=title)
+                        per_lesion=args.per_lesion, title=title, inputs=inputs)
     return result, out
 
 
 def _segment(args) -> int:
     from .image_io import read_image
+    from .output_folder import check_output_folder
 
-    if args.output.exists() and not args.overwrite:  # fail before the slow part
-        raise _exists(args.output)
+    check_output_folder(args.output, [args.input], overwrite=args.overwrite)  # before the slow part
     image = read_image(args.input)
-    result, out = _run(args, image, title=f"Liver and tumour segmentation of {args.input.name}")
+    result, out = _run(args, image, title=f"Liver and tumour segmentation of {args.input.name}", inputs=[args.input])
     _print_volumetry(result.volumetry)
     print(f"outputs: {out}")
     return 0
 
 
 def _demo(args) -> int:
-    from .phantoms import generate_phantom
     from .metrics import dice
+    from .output_folder import check_output_folder
+    from .phantoms import generate_phantom
 
     args.output = args.output or Path(tempfile.mkdtemp(prefix="livertumorseg-demo-")) / "result"
-    if args.output.exists() and not args.overwrite:
-        raise _exists(args.output)
+    check_output_folder(args.output, overwrite=args.overwrite)
     started = time.perf_counter()
     phantom = generate_phantom(args.seed, size="full")
     print(f"phantom: seed {args.seed}, {phantom.image.array.shape[::-1]} voxels, spacing "
@@ -194,12 +195,6 @@ def _print_volumetry(volumetry: dict) -> None:
         for lesion in volumetry["lesions"]:
             print(f"{lesion['id']:>6}{lesion['volume_ml']:>11.2f}{lesion['equivalent_diameter_mm']:>13.1f}"
                   f"{lesion['longest_axial_diameter_mm']:>15.1f}{lesion['mean_hu']:>9.0f}")
-
-
-def _exists(path: Path):
-    from .errors import OutputError
-
-    return OutputError(f"'{path}' already exists. Choose another output folder, or pass --overwrite to replace it.")
 
 
 class _ProgressReporter:

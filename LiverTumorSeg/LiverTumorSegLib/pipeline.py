@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from .bundle import CASCADE_KIND, Bundle
 from .cascade import run_cascade
 from .errors import Cancelled, InputError
 from .image_io import Image, atomic_path, from_canonical, to_canonical, write_image
+from .output_folder import (LABELS_FILE, PRODUCER, REPORT_HTML, RUN_JSON, SEGMENTATION_FILE, VOLUMETRY_CSV,
+                            VOLUMETRY_JSON, check_output_folder)
 from .postprocess import PostprocessOptions, postprocess
 from .preprocess import labels_to_grid, prepare_volume, resample
 from .volumetry import measure, write_volumetry
@@ -32,10 +34,6 @@ log = logging.getLogger("LiverTumorSeg")
 Progress = Callable[[str, float], None]
 Cancel = Callable[[], bool]
 
-#: Output file names inside the output folder.
-LABELS_FILE = {"nifti": "segmentation.nii.gz", "nrrd": "segmentation.nrrd"}
-SEGMENTATION_FILE = "segmentation.seg.nrrd"
-VOLUMETRY_JSON, VOLUMETRY_CSV, REPORT_HTML, RUN_JSON = "volumetry.json", "volumetry.csv", "report.html", "run.json"
 
 
 @dataclass
@@ -126,6 +124,7 @@ def segment(
         log.warning(message)
     progress("done", 1.0)
     details = {
+        "producer": PRODUCER,
         "engine_version": __version__,
         "bundle": bundle.name,
         "bundle_path": str(bundle.path),
@@ -218,12 +217,18 @@ def write_outputs(
     label_format: str = "nifti",
     per_lesion: bool = False,
     title: str = "Liver and tumour segmentation",
+    inputs: Sequence[str | Path] = (),
 ) -> Path:
-    """Write all outputs into ``out_dir`` atomically: the folder appears complete or not at all."""
+    """Write all outputs into ``out_dir`` atomically: the folder appears complete or not at all.
+
+    ``inputs`` (the files or folders the image was read from) are never replaced: see
+    :func:`~LiverTumorSegLib.output_folder.check_output_folder`, which also limits ``overwrite`` to a
+    previous output of this tool.
+    """
     from .mrml_nodes import write_segmentation
     from .report import write_report
 
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir, inputs, overwrite=overwrite)
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         write_image(result.labels, tmp / LABELS_FILE[label_format])
