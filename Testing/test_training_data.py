@@ -128,3 +128,88 @@ def test_tiles_follow_the_engine_preprocessing(tmp_path):
     val = TileSampler([slice_set], contract, tile=32, train=False)
     centred = [val[i][1].mean() for i in range(len(val))]
     assert max(centred) > 0.5  # validation tiles are centred on the liver
+
+
+def _windowed_scans(folder, names=("scan0", "scan1", "scan2"), with_index=True):
+    """Real-train layout: uint8 NAME_ct.nii.gz (grey values, not HU) + NAME_label.nii.gz, and cases.json."""
+    folder.mkdir(exist_ok=True)
+    for n, name in enumerate(names):
+        ct, labels = _case(n)
+        grey = np.clip(np.rint((ct.astype(float) + 170) * 255 / 460), 0, 255).astype(np.uint8)
+        write_image(Image(grey, GEOMETRY), folder / f"{name}_ct.nii.gz")
+        write_image(Image(labels, GEOMETRY), folder / f"{name}_label.nii.gz")
+    if with_index:
+        (folder / "cases.json").write_text("[]")
+    return folder
+
+
+def test_windowed_8bit_layout_maps_grey_values_through_the_estimated_window(tmp_path):
+    cases = find_cases(_windowed_scans(tmp_path / "real"))
+    assert [(c.case_id, c.layout, c.grey_window) for c in cases] == [
+        (name, "windowed-8bit", (-170.0, 290.0)) for name in ("scan0", "scan1", "scan2")]
+    grey = sitk.GetArrayFromImage(sitk.ReadImage(str(cases[0].image)))
+    image, labels = load_case(cases[0])
+    # grey = 255 · (HU + 170) / 460, inverted exactly; 0 and 255 stay at the window's edges
+    np.testing.assert_allclose(image.array, -170 + grey.astype(float) * 460 / 255, atol=1e-4)
+    assert image.array.min() == -170 and image.array.max() <= 290 and set(np.unique(labels)) == {0, 1, 2}
+
+
+def test_paired_layout_without_cases_json_is_hu(tmp_path):
+    folder = _windowed_scans(tmp_path / "paired", names=("a",), with_index=False)
+    (folder / "a_label.nii.gz").rename(folder / "a_lits_label.nii.gz")
+    [case] = find_cases(folder)
+    assert (case.case_id, case.layout, case.grey_window) == ("a", "paired", None)
+
+
+def test_windowed_scan_with_values_beyond_8_bits_is_refused(tmp_path):
+    folder = _windowed_scans(tmp_path / "real", names=("a",))
+    write_image(Image(np.full((12, 40, 48), 300, np.int16), GEOMETRY), folder / "a_ct.nii.gz", overwrite=True)
+    with pytest.raises(InputError, match="outside 0–255"):
+        load_case(find_cases(folder)[0])
+
+
+def _grey_slice_set(grey_value, labels):
+    from livertumorseg_training.slices import SliceSet
+
+    stacks = np.full((1, 3) + labels.shape, grey_value, np.uint8)
+    stacks[:, :, 0, 0] = 255  # one saturated voxel (bone or contrast: only "≥ the window's top" is known)
+    return SliceSet("real", stacks, labels[None], np.array([[s / 2 for s in labels.shape]]), (-170.0, 290.0))
+
+
+def test_validation_tiles_of_an_8bit_scan_use_the_estimated_window():
+    labels = np.zeros((64, 64), np.uint8)
+    sampler = TileSampler([_grey_slice_set(155, labels)], InputContract(), tile=64, train=False)
+    stack, _, _ = sampler[0]
+    # grey 155 → −170 + 155·460/255 = 109.6 HU → (109.6 + 100) · 255/500 = 106.9 → 107 in the contract's window
+    assert stack[1, 32, 32] == 107
+    assert stack[1, 0, 0] == 199  # grey 255 → 290 HU, the estimate's top, not extrapolated
+
+
+def test_training_tiles_of_an_8bit_scan_redraw_the_window():
+    labels = np.zeros((64, 64), np.uint8)
+    sampler = TileSampler([_grey_slice_set(155, labels)], InputContract(), tile=64, train=True, augment=True, seed=1)
+    values = []
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        stack, _, _ = sampler[0]
+        values.append(stack[1, 32, 32])
+    # lower edge −200…−140 HU and width 380…520 HU: grey 155 lies between 31 and 176 HU → 67…141 after windowing
+    assert 67 <= min(values) and max(values) <= 141 and len(set(values)) > 10
+
+
+def test_scale_augmentation_zooms_the_tile_content():
+    """A disk of radius 10 px: its area in the tile follows 1/scale², scale in 0.8…1.25; labels stay 0/1/2."""
+    labels = np.zeros((160, 160), np.uint8)
+    yy, xx = np.mgrid[:160, :160]
+    labels[(yy - 80) ** 2 + (xx - 80) ** 2 <= 100] = 1
+    sampler = TileSampler([_grey_slice_set(155, labels)], InputContract(), tile=64, train=True, augment=True,
+                          liver_centred=1.0, seed=2)
+    areas = []
+    for epoch in range(30):
+        sampler.set_epoch(epoch)
+        _, liver, tumour = sampler[0]
+        assert set(np.unique(liver)) <= {0.0, 1.0} and tumour.sum() == 0
+        areas.append(liver.sum())
+    disk = np.pi * 100
+    assert min(areas) >= 0.9 * disk / 1.25**2 and max(areas) <= 1.1 * disk / 0.8**2
+    assert max(areas) / min(areas) > 1.6  # the scale really varies (1.25² / 0.8² = 2.4 at the extremes)

@@ -17,7 +17,8 @@ from LiverTumorSegLib.preprocess import prepare_volume, slice_stacks
 from livertumorseg_training.export import export_bundle, load_checkpoint
 from livertumorseg_training.train import TrainConfig, train
 
-from test_training_data import GEOMETRY, _case
+from LiverTumorSegLib.errors import InputError
+from test_training_data import GEOMETRY, _case, _windowed_scans
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,21 @@ def test_train_resume_export_and_run_in_engine(dataset, tmp_path):
     # barely trained network reaches ~1e-4 here, a wrong stack or scale would be >= 1e-2.
     assert np.abs(torch_liver - liver).max() < 1e-3
     assert tumour.shape == liver.shape and np.isfinite(tumour).all()
+
+
+def test_real_scans_join_training_and_the_holdout_is_never_read(dataset, tmp_path):
+    """The held-out scan's CT is unreadable bytes: had training touched it, reading would have failed."""
+    real = _windowed_scans(tmp_path / "real", names=("r0", "r1", "held"))
+    (real / "held_ct.nii.gz").write_bytes(b"not a CT")
+    torch.set_num_threads(1)
+    logs = []
+    result = train(_config(dataset, tmp_path / "run", epochs=1, real_data=str(real), real_holdout=["held"],
+                           real_slices_per_volume=3), log=logs.append)
+    assert result.split["real_train"] == ["r0", "r1"] and result.split["real_holdout"] == ["held"]
+    assert "+2 real: r0, r1; held out: held" in logs[0]
+    assert "18 training" in logs[0]  # 3 phantom cases × 4 slices + 2 real scans × 3 slices
+    with pytest.raises(InputError, match="not in"):
+        train(_config(dataset, tmp_path / "other", real_data=str(real), real_holdout=["nope"]), log=lambda *_: None)
 
 
 def _free_port() -> int:

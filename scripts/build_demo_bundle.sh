@@ -1,33 +1,30 @@
 #!/usr/bin/env bash
-# Rebuild the bundled demo model (LiverTumorSeg/Resources/Models/LiverTumorSeg-demo) from scratch:
-# synthetic phantoms → lite cascade → ONNX bundle → radiomics lesion classifier.
-# CPU only, about 75 minutes on 2 cores. Everything is seeded; run from the repository root after the README's test set-up.
+# Rebuild the bundled model (LiverTumorSeg/Resources/Models/LiverTumorSeg-demo) from scratch:
+# synthetic phantoms + real 8-bit CT scans → lite cascade → ONNX bundle.
+# CPU only, about 2 hours on 2 cores. Everything is seeded; run from the repository root after the README's
+# test set-up, with the project's shared data folder beside the repository (SHARED, default ../shared).
+# Resumable: rerunning after an interruption keeps the phantoms and continues training from runs/demo/last.pt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 RUNS=${RUNS:-runs}
+SHARED=${SHARED:-../shared}
+MINUTES=${MINUTES:-100}
 BUNDLE=LiverTumorSeg/Resources/Models/LiverTumorSeg-demo
 
-# 48 full-size training phantoms (8 of them drawn for validation) and 10 held-out test phantoms.
-"$BIN/livertumorseg" phantom --out "$RUNS/phantoms-train" --count 48 --size full --seed 1000
-"$BIN/livertumorseg" phantom --out "$RUNS/phantoms-test" --count 10 --size full --seed 9000
+# 32 full-size training phantoms (6 of them drawn for validation: best checkpoint and early stopping).
+if [ ! -f "$RUNS/phantoms-train/segmentation-31.nii.gz" ]; then
+  "$BIN/livertumorseg" phantom --out "$RUNS/phantoms-train" --count 32 --size full --seed 1000 --overwrite
+fi
 
-# The cascade: lite preset, intensity/noise augmentation (the phantoms are the only data), 40 minutes.
+# The cascade: lite preset on the phantoms plus six of the eight real 8-bit scans (their HU window redrawn per
+# tile, scale augmentation for their unknown spacing). mahler06 and mahler07 are the real validation scans:
+# never trained on and not used to choose the checkpoint.
+RESUME=()
+[ -f "$RUNS/demo/last.pt" ] && RESUME=(--resume)
 "$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" --out "$RUNS/demo" --preset lite --folds 1 \
-  --validation-cases 8 --augment --batch-size 8 --time-limit-minutes 40 --seed 0
+  --validation-cases 6 --augment --batch-size 8 --time-limit-minutes "$MINUTES" --seed 0 \
+  --real-data "$SHARED/data/real-train" --real-holdout mahler06 mahler07 --real-slices-per-volume 80 "${RESUME[@]}"
 "$BIN/livertumorseg-train" export --checkpoint "$RUNS/demo/best.pt" --out "$BUNDLE" --overwrite \
-  --name LiverTumorSeg-demo --version 0.2.0 \
-  --description "Demonstration model trained on synthetic CT phantoms only; not for clinical use."
-
-# The radiomics lesion classifier: features of the training and validation cases, with the cascade's own
-# false positives among the negatives (about 20 minutes). On the 10 held-out test phantoms it raised tumour
-# Dice and lesion precision without losing a detected lesion, so it is in the demo bundle and on by default.
-"$BIN/livertumorseg-train" lesion-classifier --data "$RUNS/phantoms-train" --bundle "$BUNDLE" --out "$RUNS/lesion-classifier"
-
-# The boundary CNN is not in the demo bundle: with its band and threshold chosen on 16 separate tuning
-# phantoms it raised tumour Dice there but lowered it on the held-out test phantoms (it shrinks large
-# hyperdense and necrotic tumours). It is trained, tuned and added to a bundle with:
-#   "$BIN/livertumorseg-train" boundary-cnn --data "$RUNS/phantoms-train" --bundle BUNDLE --out "$RUNS/boundary-cnn" \
-#     --samples-per-class 20000 --epochs-adam 16 --epochs-sgd 8
-#   "$BIN/livertumorseg" phantom --out "$RUNS/phantoms-tune" --count 16 --size full --seed 5000
-#   "$BIN/livertumorseg-train" tune-refinement --data "$RUNS/phantoms-tune" --bundle BUNDLE --out "$RUNS/tune-refinement"
+  --name LiverTumorSeg-demo --version 0.3.0 \
+  --description "Research model trained on synthetic CT phantoms and six real 8-bit CT scans; not for clinical use."

@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         ("time-limit-minutes", float, None, "stop after the epoch that passes this time"),
     ):
         train.add_argument(f"--{name}", type=kind, default=default, help=text)
-    train.add_argument("--augment", action="store_true", help="intensity and noise augmentation (off in the paper)")
+    train.add_argument("--augment", action="store_true", help="intensity, noise and scale augmentation (off in the paper)")
+    train.add_argument("--real-data", default=None,
+                       help="second folder of real scans that join the training set (e.g. 8-bit windowed CTs with cases.json)")
+    train.add_argument("--real-holdout", nargs="*", default=[], help="ids in --real-data never trained on (the real validation set)")
+    train.add_argument("--real-slices-per-volume", type=int, default=80, help="slices per real scan")
+    train.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels-last memory format")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.set_defaults(run=_train)
@@ -138,7 +143,7 @@ def _train(args) -> int:
     from .train import TrainConfig, train
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values.update(_flags(args))
+    values.update(_flags(args), channels_last=not args.no_channels_last)
     if values.get("batch_size") is None:
         values["batch_size"] = 24 if args.preset == "paper" else 8
     values = {k: v for k, v in values.items() if v is not None}

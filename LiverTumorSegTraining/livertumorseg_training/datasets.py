@@ -4,7 +4,11 @@ Layouts:
 - LiTS: ``volume-N.nii[.gz]`` + ``segmentation-N.nii[.gz]`` in one folder (our phantoms are written so too);
 - MSD Task03 Liver: ``imagesTr/liver_N.nii.gz`` + ``labelsTr/liver_N.nii.gz``;
 - 3D-IRCADb-01: one folder per patient with ``PATIENT_DICOM/`` and ``MASKS_DICOM/liver``,
-  ``MASKS_DICOM/livertumor01``, ``livertumor02``, … (DICOM series; masks are 0/255).
+  ``MASKS_DICOM/livertumor01``, ``livertumor02``, … (DICOM series; masks are 0/255);
+- paired files: ``NAME_ct.nii.gz`` + ``NAME_label.nii.gz`` (or ``NAME_lits_label.nii.gz``), 0/1/2 labels.
+  With a ``cases.json`` beside them the CTs are **8-bit windowed scans**, not HU: grey values 0–255 that
+  stand for an unknown HU window, estimated as :data:`ESTIMATED_GREY_WINDOW` (fat peak at grey 36–40, liver
+  median 150–180; see the real-train data's README). Training redraws that window per tile (``slices.py``).
 Reading goes through the engine (``LiverTumorSegLib.image_io``), so training and inference read alike.
 """
 
@@ -20,12 +24,18 @@ from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.image_io import Image, read_image
 
 
+#: HU window that the grey values 0–255 of the 8-bit real scans are estimated to stand for:
+#: grey = 255 · (HU + 170) / 460 puts fat (−100 HU) at grey ≈ 39 and portal-venous liver (≈ 110 HU) at ≈ 155.
+ESTIMATED_GREY_WINDOW = (-170.0, 290.0)
+
+
 @dataclass(frozen=True)
 class Case:
     case_id: str
     image: Path  # file or DICOM folder
     labels: tuple[Path, ...]  # one LiTS-style label map, or IRCADb liver mask + tumour masks
     layout: str
+    grey_window: tuple[float, float] | None = None  # 8-bit windowed scans: the HU window the grey values stand for
 
 
 def find_cases(root: str | Path) -> list[Case]:
@@ -33,11 +43,12 @@ def find_cases(root: str | Path) -> list[Case]:
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"Dataset folder '{root}' does not exist.")
-    cases = _lits(root) or _msd(root) or _ircadb(root)
+    cases = _lits(root) or _msd(root) or _ircadb(root) or _paired(root)
     if not cases:
         raise InputError(
             f"No labelled cases found in '{root}'. Expected LiTS (volume-N.nii[.gz] + segmentation-N.nii[.gz]), "
-            "MSD Task03 (imagesTr/ + labelsTr/) or 3D-IRCADb-01 (*/PATIENT_DICOM + */MASKS_DICOM/liver) layout."
+            "MSD Task03 (imagesTr/ + labelsTr/), 3D-IRCADb-01 (*/PATIENT_DICOM + */MASKS_DICOM/liver) or paired "
+            "(NAME_ct.nii.gz + NAME_label.nii.gz) layout."
         )
     return cases
 
@@ -85,9 +96,33 @@ def _ircadb(root: Path) -> list[Case]:
     return cases
 
 
+def _paired(root: Path) -> list[Case]:
+    windowed = (root / "cases.json").is_file()
+    cases = []
+    for image in sorted(root.glob("*_ct.nii*"), key=lambda p: _natural(p.name)):
+        name, suffix = image.name.split("_ct.", 1)
+        label = next((p for p in (root / f"{name}_label.{suffix}", root / f"{name}_lits_label.{suffix}") if p.exists()), None)
+        if label is not None:
+            cases.append(Case(name, image, (label,), "windowed-8bit" if windowed else "paired",
+                              ESTIMATED_GREY_WINDOW if windowed else None))
+    return cases
+
+
 def load_case(case: Case) -> tuple[Image, np.ndarray]:
-    """The CT and its 0/1/2 label map (uint8) on the CT's grid."""
-    image = read_image(case.image)
+    """The CT and its 0/1/2 label map (uint8) on the CT's grid.
+
+    An 8-bit windowed scan comes back in HU by its estimated window (float32; grey 0 and 255 stay at the
+    window's edges, since what lies beyond them is unknown).
+    """
+    if case.grey_window is not None:
+        grey = read_image(case.image, kind="8-bit CT")
+        if grey.array.min() < 0 or grey.array.max() > 255:
+            raise InputError(f"'{case.image}' has values outside 0–255; an 8-bit windowed scan was expected "
+                             "(remove cases.json if these CTs are in HU).")
+        low, high = case.grey_window
+        image = grey.with_array(np.float32(low) + grey.array.astype(np.float32) * np.float32((high - low) / 255.0))
+    else:
+        image = read_image(case.image)
     if case.layout == "ircadb":
         labels = np.zeros(image.array.shape, np.uint8)
         for value, path in zip([1] + [2] * (len(case.labels) - 1), case.labels):

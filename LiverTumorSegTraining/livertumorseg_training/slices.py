@@ -12,19 +12,29 @@ inference, also learns where the liver is not (lung bases, pelvis).
 Tiles: the paper crops 224×224 around the liver; we take the tile around the slice's liver centre with
 a random offset (±¼ tile) for most samples and anywhere in the body crop for the rest (see the field-of-view
 note in ``LiverTumorSegLib.preprocess``). Validation tiles are centred on the liver without offset.
+
+8-bit windowed scans (real CT whose HU window is unknown) keep their grey values in the slice set; each
+training tile maps them to HU through a window drawn around the estimate (lower edge −200…−140 HU, width
+380…520 HU) and then into the contract's window. Grey 0 and 255 stay at the drawn window's edges: values
+beyond them are unknown, so none are invented. Augmented tiles are also rescaled by 0.8–1.25 (the unknown
+and varying pixel spacing), with bilinear interpolation for the image and nearest neighbour for the labels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
 from LiverTumorSegLib.image_io import Image, to_canonical
-from LiverTumorSegLib.preprocess import InputContract, prepare_volume, slice_stacks
+from LiverTumorSegLib.preprocess import InputContract, prepare_volume, slice_stacks, window_to_uint8
 
 NON_LIVER_FRACTION = 0.2
+#: Training draws of the HU window behind an 8-bit scan's grey values: lower edge and width (HU).
+GREY_WINDOW_LOW, GREY_WINDOW_WIDTH = (-200.0, -140.0), (380.0, 520.0)
+#: Scale augmentation range (tile content zoomed by this factor).
+SCALE_RANGE = (0.8, 1.25)
 
 
 @dataclass
@@ -35,6 +45,7 @@ class SliceSet:
     stacks: np.ndarray  # uint8 (n, channels, H, W)
     labels: np.ndarray  # uint8 (n, H, W), 0/1/2
     centres: np.ndarray  # float (n, 2): (y, x) liver centre of the slice, or of the nearest liver slice
+    grey_window: tuple[float, float] | None = None  # stacks hold 8-bit grey values of this estimated HU window
 
 
 def select_slices(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,14 +74,20 @@ def select_slices(labels: np.ndarray, count: int, rng: np.random.Generator) -> n
     return np.array(sorted(chosen), dtype=int)
 
 
-def prepare_slices(case_id: str, image: Image, labels: np.ndarray, contract: InputContract, count: int, seed: int) -> SliceSet:
-    """Canonical orientation, engine preprocessing, slice selection and 2.5D stacks for one case."""
+def prepare_slices(case_id: str, image: Image, labels: np.ndarray, contract: InputContract, count: int, seed: int,
+                   grey_window: tuple[float, float] | None = None) -> SliceSet:
+    """Canonical orientation, engine preprocessing, slice selection and 2.5D stacks for one case.
+
+    With ``grey_window`` (an 8-bit windowed scan, given in HU by that estimated window) the stacks keep the
+    grey values of that window instead of the contract's, so that training can redraw the window per tile.
+    """
     canonical, _ = to_canonical(image)
     canonical_labels, _ = to_canonical(image.with_array(labels))
-    prepared = prepare_volume(canonical, contract, labels=canonical_labels.array)
+    window_contract = replace(contract, hu_window=tuple(grey_window)) if grey_window else contract
+    prepared = prepare_volume(canonical, window_contract, labels=canonical_labels.array)
     z = select_slices(prepared.labels, count, np.random.default_rng(seed))
     stacks = slice_stacks(prepared.intensities, z, contract.stack_offsets).astype(np.uint8)
-    return SliceSet(case_id, stacks, prepared.labels[z], _liver_centres(prepared.labels, z))
+    return SliceSet(case_id, stacks, prepared.labels[z], _liver_centres(prepared.labels, z), grey_window)
 
 
 def _liver_centres(labels: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -116,15 +133,30 @@ class TileSampler:
             cy, cx = slice_set.centres[k] + rng.uniform(-self.tile / 4, self.tile / 4, size=2)
         else:
             cy, cx = rng.uniform(half, max(half, height - half)), rng.uniform(half, max(half, width - half))
-        y0, x0 = int(round(cy)) - half, int(round(cx)) - half
-        stack = _window(slice_set.stacks[k], y0, x0, self.tile).astype(np.float32)
-        labels = _window(slice_set.labels[k][None], y0, x0, self.tile)[0]
-        if self.augment:
-            stack = self._augment(stack, rng)
+        scale = float(np.exp(rng.uniform(*np.log(SCALE_RANGE)))) if self.augment else 1.0
+        size = int(round(self.tile * scale))
+        y0, x0 = int(round(cy)) - size // 2, int(round(cx)) - size // 2
+        stack = _window(slice_set.stacks[k], y0, x0, size)
+        labels = _window(slice_set.labels[k][None], y0, x0, size)[0]
+        if size != self.tile:
+            zoom = self.tile / size
+            stack = ndimage.zoom(stack.astype(np.float32), (1, zoom, zoom), order=1, grid_mode=True, mode="grid-constant")
+            labels = ndimage.zoom(labels, zoom, order=0, grid_mode=True, mode="grid-constant")
+        stack = self._intensities(stack.astype(np.float32), slice_set.grey_window, rng)
         return stack, (labels >= 1).astype(np.float32)[None], (labels == 2).astype(np.float32)[None]
 
-    def _augment(self, stack: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Scanner and contrast variation in HU space: gain ±10 %, offset ±15 HU, noise up to 10 HU."""
+    def _intensities(self, stack: np.ndarray, grey_window, rng: np.random.Generator) -> np.ndarray:
+        """The tile in the contract's [0, 255] window: an 8-bit scan through its (redrawn) window; a HU-derived
+        tile with scanner and contrast variation when augmenting (gain ±10 %, offset ±15 HU, noise ≤ 10 HU)."""
+        if grey_window is not None:
+            if self.train and self.augment:
+                low = rng.uniform(*GREY_WINDOW_LOW)
+                high = low + rng.uniform(*GREY_WINDOW_WIDTH)
+            else:
+                low, high = grey_window
+            return window_to_uint8(low + stack * np.float32((high - low) / 255.0), self.contract.hu_window).astype(np.float32)
+        if not self.augment:
+            return stack
         low, high = self.contract.hu_window
         per_level = (high - low) / 255.0
         hu = jitter_hu(stack * per_level + low, rng)

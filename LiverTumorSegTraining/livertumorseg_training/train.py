@@ -5,6 +5,11 @@ Adam (lr 3e-4) with the paper's decay of 5e-5 per step, applied as Keras' ``deca
 with patience 12 on the validation loss, the best checkpoint kept. Resumable from ``last.pt``.
 Deterministic seeds. Mixed precision (float16 autocast + gradient scaling) on CUDA.
 
+Real scans: ``real_data`` names a second folder (e.g. the 8-bit windowed real CTs) whose cases join the
+training set only, with ``real_slices_per_volume`` slices each; the ids in ``real_holdout`` are never loaded.
+Validation (the best checkpoint, early stopping) stays on ``data``'s validation cases, so the held-out real
+scans remain an untouched measurement set.
+
 Distributed: when ``torchrun`` sets ``WORLD_SIZE`` > 1, the process group is initialised (gloo on CPU,
 nccl on GPU), the model is wrapped in DistributedDataParallel and the data in a DistributedSampler;
 only rank 0 writes checkpoints, logs and plots.
@@ -26,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.preprocess import InputContract
 
 from .datasets import find_cases, kfold_split, load_case
@@ -59,6 +65,10 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     time_limit_minutes: float | None = None
     resume: bool = False
+    real_data: str | None = None
+    real_holdout: list[str] = field(default_factory=list)
+    real_slices_per_volume: int = 80
+    channels_last: bool = True
     contract: dict = field(default_factory=lambda: InputContract().to_dict())
 
 
@@ -88,13 +98,26 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def load_slice_sets(config: TrainConfig, case_ids: list[str], cases_by_id: dict) -> list[SliceSet]:
+def load_slice_sets(config: TrainConfig, case_ids: list[str], cases_by_id: dict, slices_per_volume: int | None = None) -> list[SliceSet]:
     contract = InputContract.from_dict(config.contract)
     sets = []
     for number, case_id in enumerate(case_ids):
-        image, labels = load_case(cases_by_id[case_id])
-        sets.append(prepare_slices(case_id, image, labels, contract, config.slices_per_volume, seed=config.seed + number))
+        case = cases_by_id[case_id]
+        image, labels = load_case(case)
+        sets.append(prepare_slices(case_id, image, labels, contract, slices_per_volume or config.slices_per_volume,
+                                   seed=config.seed + number, grey_window=case.grey_window))
     return sets
+
+
+def real_training_split(config: TrainConfig) -> tuple[dict, list[str]]:
+    """The cases of ``config.real_data`` by id and the ids trained on (all but ``real_holdout``)."""
+    if not config.real_data:
+        return {}, []
+    real = {case.case_id: case for case in find_cases(config.real_data)}
+    unknown = sorted(set(config.real_holdout) - set(real))
+    if unknown:
+        raise InputError(f"--real-holdout names cases that are not in '{config.real_data}': {', '.join(unknown)}.")
+    return real, sorted(set(real) - set(config.real_holdout))
 
 
 def train(config: TrainConfig, log=print) -> TrainResult:
@@ -113,16 +136,22 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     cases = {case.case_id: case for case in find_cases(config.data)}
     split = kfold_split(sorted(cases), config.folds, config.fold, config.validation_cases, config.seed)
     contract = InputContract.from_dict(config.contract)
-    train_sampler = TileSampler(load_slice_sets(config, split["train"], cases), contract, tile=config.tile,
-                                train=True, augment=config.augment, seed=config.seed)
+    real_cases, real_train = real_training_split(config)
+    split.update(real_train=real_train, real_holdout=sorted(config.real_holdout))
+    train_sets = load_slice_sets(config, split["train"], cases)
+    train_sets += load_slice_sets(config, real_train, real_cases, config.real_slices_per_volume)
+    train_sampler = TileSampler(train_sets, contract, tile=config.tile, train=True, augment=config.augment, seed=config.seed)
     val_sampler = TileSampler(load_slice_sets(config, split["validation"], cases), contract, tile=config.tile,
                               train=False, seed=config.seed)
     if is_main:
-        log(f"cases: {len(split['train'])} train, {len(split['validation'])} validation, {len(split['test'])} test; "
+        log(f"cases: {len(split['train'])} train (+{len(real_train)} real: {', '.join(real_train) or 'none'}; held out: "
+            f"{', '.join(split['real_holdout']) or 'none'}), {len(split['validation'])} validation, {len(split['test'])} test; "
             f"{len(train_sampler)} training and {len(val_sampler)} validation slices; device {device}, world {world}")
 
     model = build_model("cascade", config.preset, dense_skips=config.dense_skips, subpixel=config.subpixel,
                         attention=config.attention).to(device)
+    if config.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on tensor-core GPUs
+        model = model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     criterion = CascadeLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -161,6 +190,8 @@ def train(config: TrainConfig, log=print) -> TrainResult:
             if config.max_steps_per_epoch and step >= config.max_steps_per_epoch:
                 break
             stack, liver_t, tumour_t = stack.to(device), liver_t.to(device), tumour_t.to(device)
+            if config.channels_last:
+                stack = stack.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                 liver_logit, tumour_logit = net(stack)
             loss, parts = criterion(liver_logit.float(), tumour_logit.float(), liver_t, tumour_t)
