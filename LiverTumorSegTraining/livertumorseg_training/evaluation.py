@@ -143,7 +143,7 @@ class Run:
 @dataclass
 class EvaluationConfig:
     bundles: list[tuple[str, Path]]  # (name, folder); the first is the full pipeline
-    data: Path
+    data: Path | list[Path]  # one data set folder, or several whose cases are pooled (ids must be unique)
     out: Path
     cases: list[str] | None = None
     cases_file: Path | None = None
@@ -185,11 +185,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--bundle", action="append", required=True, metavar="NAME=PATH",
                         help="a model bundle to evaluate, repeatable; the first is the full pipeline and the reference "
                              "of the Wilcoxon tests; a PATH that does not exist is reported as 'not trained'")
-    parser.add_argument("--data", required=True, type=Path, help="dataset folder (LiTS, MSD Task03 or 3D-IRCADb layout)")
+    parser.add_argument("--data", required=True, type=Path, nargs="+",
+                        help="dataset folder(s) (LiTS, MSD Task03, 3D-IRCADb or paired layout); the cases of several "
+                             "folders are pooled, e.g. real 8-bit validation scans and a real HU CT")
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--cases", nargs="+", metavar="ID", help="case ids to evaluate (e.g. lits-3 or 3); default: all")
     selection.add_argument("--cases-file", type=Path, help="file with one case id per line ('#' starts a comment)")
-    selection.add_argument("--split", choices=("train", "validation", "test"),
+    selection.add_argument("--split", choices=("train", "validation", "test", "real_holdout"),
                            help="the cases of this split recorded in the first bundle's manifest (e.g. its held-out test fold)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (RESULTS.md, CSVs, figures/)")
     parser.add_argument("--results-md", type=Path,
@@ -248,7 +250,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts = ["livertumorseg-train", "evaluate"]
     for text in args.bundle:
         parts += ["--bundle", text]
-    parts += ["--data", str(args.data)]
+    parts += ["--data", *map(str, args.data)]
     if args.cases:
         parts += ["--cases", *args.cases]
     if args.cases_file:
@@ -328,8 +330,16 @@ def effective(run: Run, bundle: Bundle) -> Run:
     return replace(run, **{stage: getattr(run, stage) and bundle.has(component) for stage, component in STAGE_COMPONENT.items()})
 
 
+def data_folders(config: EvaluationConfig) -> list[Path]:
+    return [Path(p) for p in config.data] if isinstance(config.data, (list, tuple)) else [Path(config.data)]
+
+
 def select_cases(config: EvaluationConfig, full: Bundle) -> tuple[list[Case], str]:
-    cases = find_cases(config.data)
+    cases = [case for folder in data_folders(config) for case in find_cases(folder)]
+    repeated = sorted({c.case_id for c in cases if sum(other.case_id == c.case_id for other in cases) > 1})
+    if repeated:
+        raise InputError(f"Case ids occur in more than one --data folder: {', '.join(repeated[:10])}. Pool folders "
+                         "whose case ids differ.")
     if config.cases:
         wanted, selection = list(config.cases), "the cases listed with --cases"
     elif config.cases_file:
@@ -358,7 +368,8 @@ def select_cases(config: EvaluationConfig, full: Bundle) -> tuple[list[Case], st
         (chosen.append(case) if case else unknown.append(item))
     if unknown:
         raise InputError(
-            f"{len(unknown)} case id(s) not found in '{config.data}': {', '.join(unknown[:10])}"
+            f"{len(unknown)} case id(s) not found in {', '.join(repr(str(p)) for p in data_folders(config))}: "
+            f"{', '.join(unknown[:10])}"
             f"{' …' if len(unknown) > 10 else ''}. Available: {', '.join(c.case_id for c in cases[:10])}"
             f"{' …' if len(cases) > 10 else ''}."
         )
@@ -836,7 +847,8 @@ class Report:
         parts = ["# Evaluation results", ""]
         parts += ["Generated with:", "", "```bash", cfg.command_line or "(Python API)", "```", ""]
         parts += [
-            f"- **Data set:** `{cfg.data}` ({plan.cases[0].layout} layout), {self.n} case(s), {plan.selection}: "
+            "- **Data set:** " + ", ".join(f"`{p}`" for p in data_folders(cfg))
+            + f" ({', '.join(sorted({c.layout for c in plan.cases}))} layout), {self.n} case(s), {plan.selection}: "
             + ", ".join(f"`{c.case_id}`" for c in plan.cases) + ".",
             f"- **Engine:** LiverTumorSegLib {engine_version}, ONNX Runtime on {cfg.device}, one thread per case; "
             f"noise seed {cfg.seed}.",
