@@ -88,6 +88,8 @@ EXIT_HINTS = {
        "General > Temporary directory) is writable and the disk is not full.",
     4: "The model could not be loaded. Clear the model folder (Advanced section) to use the bundled model, "
        "or give a complete model folder.",
+    5: "The chosen device is not available: choose CPU in the Advanced section, or install a CUDA-enabled ONNX Runtime.",
+    64: "The segmentation process was started with invalid options. Please report it with the details below.",
     130: "The segmentation was cancelled.",
 }
 

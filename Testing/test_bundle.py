@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from LiverTumorSegLib.bundle import DEFAULT_BUNDLE, MANIFEST, load_bundle, write_bundle
-from LiverTumorSegLib.errors import BundleError
+from LiverTumorSegLib.errors import BundleError, DeviceError
 from LiverTumorSegLib.preprocess import InputContract
 
 
@@ -71,7 +71,13 @@ def test_missing_file_is_refused(bundle_dir):
         (lambda m: m["files"].update({"weights.pkl": {"sha256": "0"}}), "not an allowed file"),
         (lambda m: m["components"].update(extra={"file": "extra.onnx"}), "not listed with a checksum"),
         (lambda m: m.pop("input"), "input contract"),
+        (lambda m: m["input"].update(hu_window=[100, 100]), "hu_window must be"),
+        (lambda m: m["input"].update(in_plane_spacing_mm=0), "in_plane_spacing_mm must be positive"),
+        (lambda m: m.update(components=[{"file": "liver.onnx"}]), "'components' in manifest.json must map"),
+        (lambda m: m.update(files=None), "'files' in manifest.json must map"),
     ],
+    ids=["version", "format", "pickle", "unlisted", "no-input", "zero-width-window", "zero-spacing",
+         "components-list", "files-null"],
 )
 def test_bad_manifests_are_refused(bundle_dir, change, message):
     manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))
@@ -79,6 +85,21 @@ def test_bad_manifests_are_refused(bundle_dir, change, message):
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle_dir)
+
+
+def test_manifest_that_is_a_list_is_refused(bundle_dir):
+    (bundle_dir / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(BundleError, match="holds a JSON list, not an object"):
+        load_bundle(bundle_dir)
+
+
+def test_corrupt_onnx_with_a_matching_checksum_is_refused_by_onnx_runtime(tmp_path):
+    """The checksum proves the file is what was exported, not that it is a model: the session says so."""
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07 not a protobuf model")
+    manifest = {"input": InputContract().to_dict(), "components": {"liver": {"file": "broken.onnx"}}}
+    bundle = write_bundle(tmp_path / "bundle", manifest, {"broken.onnx": tmp_path / "broken.onnx"})
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load 'broken.onnx'"):
+        bundle.session("liver")
 
 
 def test_not_json_and_not_a_bundle(tmp_path, bundle_dir):
@@ -101,8 +122,9 @@ def test_cuda_request_without_cuda_is_explained(bundle_dir):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    with pytest.raises(BundleError, match="no CUDA support"):
+    with pytest.raises(DeviceError, match="no CUDA support") as raised:
         load_bundle(bundle_dir).session("liver", device="cuda")
+    assert raised.value.exit_code == 5
 
 
 def test_the_bundled_demo_model_verifies():

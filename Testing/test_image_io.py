@@ -1,5 +1,6 @@
 """Read stage: reading, validation, canonical orientation and atomic writing with real SimpleITK files."""
 
+import gzip
 import math
 from pathlib import Path
 
@@ -175,3 +176,65 @@ def _empty_dicom_dir(directory: Path) -> Path:
     folder.mkdir()
     (folder / "readme.txt").write_text("no images here")
     return folder
+
+
+def _nifti_with_scaling(path, raw: np.ndarray, slope: float, intercept: float):
+    """A NIfTI-1 file holding ``raw`` with scl_slope/scl_inter set (header bytes 112 and 116)."""
+    plain = path.with_name("plain.nii")
+    sitk.WriteImage(sitk.GetImageFromArray(raw), str(plain))
+    data = bytearray(plain.read_bytes())
+    data[112:120] = np.array([slope, intercept], "<f4").tobytes()
+    plain.unlink()
+    if path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(bytes(data)))
+    else:
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["scaled.nii", "scaled.nii.gz"])
+@pytest.mark.parametrize("slope, intercept", [(1.0, -1024.0), (0.5, 0.0)])
+def test_nifti_with_rescale_slope_and_intercept_is_read_not_refused(tmp_path, name, slope, intercept):
+    """The stored type is uint16 (2 bytes); ITK returns float32 after scaling, which is not what the file holds."""
+    raw = np.arange(5 * 6 * 7, dtype=np.uint16).reshape(5, 6, 7) * 7
+    image = read_image(_nifti_with_scaling(tmp_path / name, raw, slope, intercept))
+    np.testing.assert_allclose(image.array, raw * slope + intercept)
+
+
+def test_multi_member_gzip_is_read_whole(tmp_path):
+    """``cat a.gz b.gz`` is one valid gzip file; its second member holds the rest of the voxels."""
+    array = np.arange(6 * 8 * 9, dtype=np.int16).reshape(6, 8, 9) - 500
+    plain = write_image(Image(array, Geometry((0.8, 0.8, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))),
+                        tmp_path / "plain.nii", compress=False)
+    data = plain.read_bytes()
+    two = tmp_path / "two.nii.gz"
+    two.write_bytes(gzip.compress(data[:500]) + gzip.compress(data[500:]))
+    np.testing.assert_array_equal(read_image(two).array, array)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gzip.compress(data[:500]) + gzip.compress(data[500:])[:-30])
+    with pytest.raises(InputError, match="truncated"):
+        read_image(cut)
+
+
+def test_uncompressed_data_named_nii_gz_is_read(tmp_path):
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    plain = write_image(Image(array, Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))),
+                        tmp_path / "plain.nii", compress=False)
+    misnamed = plain.rename(tmp_path / "misnamed.nii.gz")
+    np.testing.assert_array_equal(read_image(misnamed).array, array)
+
+
+@pytest.mark.parametrize("spacing", [(2497.0, 2497.0, 5000.0), (0.0007, 0.0007, 0.002)], ids=["metres-as-mm", "micrometres"])
+def test_implausible_spacing_is_refused_with_the_unit_named(tmp_path, spacing):
+    path = _write_raw(tmp_path / "odd.nrrd", np.zeros((4, 8, 8), np.int16), spacing)
+    with pytest.raises(InputError, match="header's unit is probably wrong"):
+        read_image(path)
+
+
+def test_sheared_direction_is_refused(tmp_path):
+    header = ("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementSpacing = 1 1 1\n"
+              "TransformMatrix = 1 0 0 0 1 0 0 0.26 0.97\nElementType = MET_SHORT\nElementDataFile = LOCAL\n")
+    path = tmp_path / "sheared.mha"
+    path.write_bytes(header.encode() + np.zeros(64, np.int16).tobytes())
+    with pytest.raises(InputError, match="non-orthogonal"):
+        read_image(path)

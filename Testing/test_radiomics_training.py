@@ -319,6 +319,28 @@ def test_classifier_component_in_a_bundle(tmp_path, scene):
         rf.LesionClassifier.from_files(onnx_path, json_path)
 
 
+def test_candidate_whose_features_fail_is_kept_and_reported(tmp_path, scene):
+    """GLCM correlation of a one-voxel region cannot be computed: that candidate is kept, not judged on imputed means."""
+    hu, labels, _ = scene
+    onnx_path, json_path = tiny_classifier(tmp_path)
+    meta = json.loads(json_path.read_text(encoding="utf-8"))
+    meta["feature_names"] = ["original_firstorder_Mean", "original_glcm_Correlation"]
+    json_path.write_text(json.dumps(meta))
+    classifier = rf.LesionClassifier.from_files(onnx_path, json_path)
+    out, kept, info = rf.filter_lesions(hu, labels, SPACING, classifier)
+    assert info["feature_failures"] == {3: 1} and info["kept_despite_failed_features"] == [3]
+    assert 3 in kept and out[21, 48, 48] == 2
+
+
+def test_classifier_from_another_pyradiomics_major_version_is_refused(tmp_path):
+    onnx_path, json_path = tiny_classifier(tmp_path)
+    meta = json.loads(json_path.read_text(encoding="utf-8"))
+    meta["pyradiomics_version"] = f"v{int(rf.pyradiomics_version().lstrip('v').split('.')[0]) + 1}.0.0"
+    json_path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="trained with pyradiomics"):
+        rf.LesionClassifier.from_files(onnx_path, json_path)
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

@@ -41,8 +41,8 @@ ICON_FILE = MODULE_DIR / "Resources" / "Icons" / "LiverTumorSeg.png"
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 CMAKE_FILE = MODULE_DIR / "CMakeLists.txt"
 
-#: What 3D Slicer ships in its Python (never to be pip-installed by the module).
-SLICER_PROVIDED = {"numpy", "scipy", "SimpleITK", "vtk", "slicer"}
+#: What 3D Slicer ships in its Python (never to be pip-installed by the module; pydicom comes with its DICOM module).
+SLICER_PROVIDED = {"numpy", "scipy", "SimpleITK", "vtk", "slicer", "pydicom"}
 
 #: Qt classes a Slicer .ui may use without declaring them as custom widgets.
 QT_CLASSES = {"QWidget", "QLabel", "QPushButton", "QCheckBox", "QComboBox", "QProgressBar", "QLineEdit",
@@ -363,8 +363,8 @@ def test_cmake_lists_match_the_files():
     assert not unlisted, f"engine files not installed by {CMAKE_FILE.name}: {unlisted}"
     on_disk = sorted(
         p.relative_to(MODULE_DIR).as_posix()
-        for folder in ("Icons", "UI", "Models")
-        for p in (MODULE_DIR / "Resources" / folder).rglob("*")
+        for folder in ("Resources/Icons", "Resources/UI", "LiverTumorSegLib/models")
+        for p in (MODULE_DIR / folder).rglob("*")
         if p.is_file() and p.name != ".gitkeep"
     )
     unlisted = [path for path in on_disk if path not in resources]
@@ -768,3 +768,13 @@ def test_end_to_end_with_the_bundled_model(glue, small_ct, tmp_path):
     table = mn.volumetry_table_node(small_ct.scene, volumetry, name="phantom liver volumetry")
     selftest.check_result_nodes(segmentation, table, volumetry, labels=labels.array,
                                 reference_volume_node=small_ct.volume)
+
+
+def test_engine_and_module_run_on_the_python_of_slicer_5_8():
+    """3D Slicer 5.8 ships Python 3.9: the engine and the module must not use newer syntax or library calls."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "vermin"), "--target=3.9-", "--no-tips", "--violations",
+         "--eval-annotations", str(MODULE_DIR / "LiverTumorSegLib"), str(MODULE_DIR / "LiverTumorSeg.py")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the bundled model (LiverTumorSeg/Resources/Models/LiverTumorSeg-demo) from scratch:
+# Rebuild the bundled model (LiverTumorSeg/LiverTumorSegLib/models/LiverTumorSeg-demo) from scratch:
 # synthetic phantoms + real 8-bit CT scans → lite cascade → ONNX bundle.
 # CPU only, about 2 hours on 2 cores. Everything is seeded; run from the repository root after the README's
 # test set-up, with the project's shared data folder beside the repository (SHARED, default ../shared).
@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 RUNS=${RUNS:-runs}
 SHARED=${SHARED:-../shared}
-MINUTES=${MINUTES:-100}
-BUNDLE=LiverTumorSeg/Resources/Models/LiverTumorSeg-demo
+MINUTES=${MINUTES:-115}
+BUNDLE=LiverTumorSeg/LiverTumorSegLib/models/LiverTumorSeg-demo
 
 # 32 full-size training phantoms (6 of them drawn for validation: best checkpoint and early stopping).
 if [ ! -f "$RUNS/phantoms-train/segmentation-31.nii.gz" ]; then

@@ -13,7 +13,7 @@
 #   ABLATION_BASELINE  trained with --no-dense-skips --no-subpixel --no-attention  [runs/ablation-baseline/bundle]
 #   ABLATION_DENSE     trained with --no-attention                          [runs/ablation-dense/bundle]
 #   HDENSEUNET, E2NET, UNET3D  comparison-method bundles                    [runs/hdenseunet/bundle, ...]
-#   DEMO               the shipped demo bundle, one more row of Table 4     [LiverTumorSeg/Resources/Models/LiverTumorSeg-demo]
+#   DEMO               the shipped demo bundle, one more row of Table 4     [LiverTumorSeg/LiverTumorSegLib/models/LiverTumorSeg-demo]
 #   SPLIT              evaluate only this split of the full bundle's manifest (e.g. test, when DATA is the data
 #                      set it was trained on with --folds > 1); empty: every case of DATA   []
 #   WORKERS            worker processes, one case each                      [number of CPUs]
@@ -33,7 +33,7 @@ HDENSEUNET=${HDENSEUNET:-runs/hdenseunet/bundle}
 E2NET=${E2NET:-runs/e2net/bundle}
 UNET3D=${UNET3D:-runs/unet3d/bundle}
 SPLIT=${SPLIT:-}
-DEMO=${DEMO:-LiverTumorSeg/Resources/Models/LiverTumorSeg-demo}
+DEMO=${DEMO:-LiverTumorSeg/LiverTumorSegLib/models/LiverTumorSeg-demo}
 WORKERS=${WORKERS:-$(nproc)}
 
 if [ ! -f "$FULL/manifest.json" ]; then

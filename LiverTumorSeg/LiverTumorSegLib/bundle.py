@@ -15,9 +15,10 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from .errors import BundleError
+from .errors import BundleError, DeviceError
 from .image_io import atomic_path
 from .preprocess import InputContract
 
@@ -28,8 +29,9 @@ MANIFEST = "manifest.json"
 #: ``input.kind`` of the cascade's bundles (manifests without a kind are cascade bundles).
 CASCADE_KIND = "cascade_2_5d"
 ALLOWED_SUFFIXES = (".onnx", ".json")
-#: Bundled demo model, inside the Slicer module's resources (also used by the command line).
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "LiverTumorSeg-demo"
+#: The bundled model: package data of the engine, so that a wheel, an editable install and the Slicer module
+#: (which installs the engine folder as it is) all find it.
+DEFAULT_BUNDLE = Path(str(resources.files(__package__) / "models" / "LiverTumorSeg-demo"))
 
 
 def sha256_of(path: Path) -> str:
@@ -89,13 +91,29 @@ class Bundle:
             options.inter_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BundleError(
-                    "--device cuda was asked for, but this onnxruntime has no CUDA support. "
-                    "Install onnxruntime-gpu with a matching CUDA, or use --device cpu."
-                )
+            check_device(device)
             providers.insert(0, "CUDAExecutionProvider")
-        return ort.InferenceSession(str(self.file(component)), options, providers=providers)
+        try:
+            return ort.InferenceSession(str(self.file(component)), options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own exception types for invalid models
+            raise BundleError(
+                f"Bundle '{self.path}': ONNX Runtime cannot load '{self.component(component)['file']}' "
+                f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}). "
+                "The model file is damaged or was made for a newer ONNX Runtime: export the bundle again."
+            ) from None
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this ONNX Runtime cannot use (:class:`DeviceError`), before any work is done."""
+    import onnxruntime as ort
+
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DeviceError(
+            "--device cuda was asked for, but this onnxruntime has no CUDA support. "
+            "Install onnxruntime-gpu with a matching CUDA, or use --device cpu."
+        )
+    if device not in ("cpu", "cuda"):
+        raise DeviceError(f"Unknown device {device!r}: use cpu or cuda.")
 
 
 def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
@@ -111,6 +129,9 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"'{manifest_path}' is not valid JSON ({error}). The bundle is damaged: export it again.") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"'{manifest_path}' holds a JSON {type(manifest).__name__}, not an object. The bundle is "
+                          "damaged: export or copy it again.")
     if manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"'{path}' is not a LiverTumorSeg model bundle (format {manifest.get('format')!r}).")
     version = manifest.get("format_version")
@@ -119,8 +140,14 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
             f"The bundle '{path}' has format version {version!r}; this LiverTumorSeg reads "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Update LiverTumorSeg, or export the bundle with a matching version."
         )
-    files = manifest.get("files", {})
-    for component, entry in manifest.get("components", {}).items():
+    files, components = manifest.get("files"), manifest.get("components")
+    if not isinstance(files, dict) or not all(isinstance(info, dict) for info in files.values()):
+        raise BundleError(f"Bundle '{path}': 'files' in {MANIFEST} must map each file name to its checksum; "
+                          "the manifest is damaged. Export or copy the bundle again.")
+    if not isinstance(components, dict) or not all(isinstance(entry, dict) for entry in components.values()):
+        raise BundleError(f"Bundle '{path}': 'components' in {MANIFEST} must map each component name to its "
+                          "description; the manifest is damaged. Export or copy the bundle again.")
+    for component, entry in components.items():
         if entry.get("file") not in files:
             raise BundleError(f"Bundle '{path}': component '{component}' names a file that is not listed with a checksum.")
     for name, info in files.items():

@@ -3,6 +3,11 @@
 The liver branch runs on every slice of the body crop (fully convolutional, batched over slices). Its
 probability map locates the liver; the tumour branch then runs only on the slices and the in-plane box
 that hold liver (plus a margin), with the liver probability as its fourth input channel (paper §3.1).
+
+The box holds every voxel that post-processing could keep as liver: all liver-like components at the
+lowest probability its Otsu threshold can take (``PostprocessOptions.otsu_range[0]``), not only the
+largest one at p > 0.5, so that tumour in a second liver part or in liver between the two thresholds
+gets a tumour probability.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ from scipy import ndimage
 
 from .bundle import Bundle
 from .errors import Cancelled
+from .postprocess import PostprocessOptions
 from .preprocess import PreparedVolume, crop_padded, grow_to_multiple, slice_stacks
 
 #: Margin around the located liver, in processing-grid pixels (mm at 1 mm) and slices.
 LIVER_BOX_MARGIN_PX = 16
 LIVER_BOX_MARGIN_SLICES = 2
+#: Liver probability above which a voxel may end up as liver: the lowest threshold post-processing can choose.
+LIVER_BOX_PROBABILITY = PostprocessOptions().otsu_range[0]
+#: Liver-like components smaller than this (voxels; ≈ 1 mL at 1 mm) are speckle and do not widen the box.
+LIVER_BOX_MIN_VOXELS = 1000
 
 Progress = Callable[[str, float], None]
 
@@ -41,7 +51,7 @@ def run_cascade(
         np.arange(volume.shape[0]), offsets, batch_size, "liver network", progress, cancel,
     )
     tumour = np.zeros_like(liver)
-    box = liver_box(liver > 0.5, bundle.contract.spatial_multiple)
+    box = liver_box(liver > LIVER_BOX_PROBABILITY, bundle.contract.spatial_multiple)
     if box is None:
         if progress:
             progress("tumour network", 1.0)
@@ -60,7 +70,8 @@ def run_cascade(
 
 
 def liver_box(mask: np.ndarray, multiple: int) -> tuple[slice, slice, slice] | None:
-    """(z, y, x) box around the largest liver-like component, with a margin; ``None`` if there is none.
+    """(z, y, x) box around every liver-like component (the largest, and all others of at least
+    :data:`LIVER_BOX_MIN_VOXELS`), with a margin; ``None`` if there is none.
 
     The in-plane size is grown to a multiple of ``multiple``; it may reach past the crop (padded later).
     """
@@ -68,8 +79,9 @@ def liver_box(mask: np.ndarray, multiple: int) -> tuple[slice, slice, slice] | N
     if count == 0:
         return None
     sizes = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
-    largest = ndimage.find_objects((components == 1 + int(np.argmax(sizes))).astype(np.uint8))[0]
-    z, y, x = largest
+    kept = (sizes >= LIVER_BOX_MIN_VOXELS) | (sizes == sizes.max())
+    boxes = [box for box, keep in zip(ndimage.find_objects(components), kept) if keep]
+    z, y, x = (slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)) for axis in range(3))
     zs = slice(max(z.start - LIVER_BOX_MARGIN_SLICES, 0), min(z.stop + LIVER_BOX_MARGIN_SLICES, mask.shape[0]))
     ys = grow_to_multiple(y.start - LIVER_BOX_MARGIN_PX, y.stop + LIVER_BOX_MARGIN_PX, multiple)
     xs = grow_to_multiple(x.start - LIVER_BOX_MARGIN_PX, x.stop + LIVER_BOX_MARGIN_PX, multiple)

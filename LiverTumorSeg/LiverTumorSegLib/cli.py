@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import Cancelled, InputError, LiverTumorSegError
+from .errors import Cancelled, LiverTumorSegError, UsageError
 
 EXIT_CODES = """exit codes:
   0    success
@@ -21,6 +22,8 @@ EXIT_CODES = """exit codes:
   3    output problem (exists without --overwrite; is, holds or lies inside an input; not a previous
        output of livertumorseg; not writable)
   4    model bundle problem (missing, damaged, unknown version)
+  5    requested device not available (e.g. --device cuda without a CUDA-enabled ONNX Runtime)
+  64   usage error (unknown option, missing or invalid option value)
   130  cancelled (Ctrl-C or SIGTERM); nothing was written
 """
 
@@ -40,12 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         return Cancelled.exit_code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on exit code 64, apart from the bad-input code 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(UsageError.exit_code, f"error: {message}\n")
+
+
 def _raise_cancel(signum, frame):
     raise Cancelled("Cancelled by a termination signal; nothing was written.")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="livertumorseg",
         description="Liver and liver-tumour segmentation of contrast-enhanced abdominal CT (research use).",
         epilog=EXIT_CODES,
@@ -82,6 +93,26 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--overwrite", action="store_true", help="replace existing cases")
     phantom.set_defaults(run=_phantom)
 
+    plan = commands.add_parser(
+        "plan", help="plan a liver resection: remnant volume (FLR) and tumour margins", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compute resected and remnant liver volume, the future liver remnant (FLR) with its verdict, "
+        "and each tumour's side and margin for a resection plane or mask; write plan.json, plan.csv and plan.html.",
+    )
+    plan.add_argument("segmentation", type=Path, help="label map (0 background, 1 liver, 2 tumour), e.g. the "
+                      "segmentation.nii.gz of 'livertumorseg segment'")
+    resection = plan.add_mutually_exclusive_group(required=True)
+    resection.add_argument("--plane", metavar="PX,PY,PZ,NX,NY,NZ",
+                           help="point and normal in LPS mm, the normal pointing into the resected part "
+                           "(write --plane=... when the first number is negative)")
+    resection.add_argument("--resected", type=Path, metavar="MASK", help="mask on the label map's grid, nonzero = resected")
+    plan.add_argument("--liver-state", choices=("normal", "chemotherapy", "cirrhosis"), default="normal",
+                      help="FLR threshold preset: normal ≥ 20 %%, chemotherapy ≥ 30 %%, cirrhosis ≥ 40 %% "
+                      "(default normal)")
+    plan.add_argument("-o", "--output", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
+    plan.add_argument("--overwrite", action="store_true", help="replace a previous plan folder of livertumorseg")
+    plan.set_defaults(run=_plan)
+
     stats = commands.add_parser("phantom-stats", help="print HU mean and std per tissue over generated phantoms")
     stats.add_argument("--count", type=int, default=5)
     stats.add_argument("--size", choices=("full", "small"), default="full")
@@ -92,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle folder (default: the bundled model)")
+    parser.add_argument("--series", metavar="UID", default=None,
+                        help="SeriesInstanceUID of the DICOM series to read when the input folder holds several")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
     parser.add_argument("--no-morphology", action="store_true", help="skip the 3×3 morphological cleaning")
@@ -110,21 +143,41 @@ def _options(args):
     from .pipeline import PipelineOptions
     from .postprocess import PostprocessOptions
 
-    if args.threads is not None and args.threads < 1:
-        raise InputError("--threads must be at least 1.")
     return PipelineOptions(
-        device=args.device, threads=args.threads,
+        device=args.device, threads=_threads(args.threads),
         postprocess=PostprocessOptions(morphology=not args.no_morphology, slice_consistency=not args.no_slice_consistency),
         radiomics=not args.no_radiomics, refine=not args.no_refine, check_intensities=not args.skip_intensity_check,
     )
 
 
-def _run(args, image, title: str, inputs=()):
-    from .bundle import load_bundle
+def _threads(requested: int | None) -> int | None:
+    """``--threads``, at least 1 and at most the CPU cores this process may use (more only slows ONNX Runtime)."""
+    if requested is None:
+        return None
+    if requested < 1:
+        raise UsageError(f"--threads must be at least 1, got {requested}.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > cores:
+        logging.getLogger("LiverTumorSeg").warning("--threads %d is more than the %d CPU core(s) available; using %d.",
+                                                   requested, cores, cores)
+        return cores
+    return requested
+
+
+def _prepare_run(args, inputs=()):
+    """Every check that needs no image, before the slow part: output folder, options, device, bundle."""
+    from .bundle import check_device, load_bundle
+    from .output_folder import check_output_folder
+
+    check_output_folder(args.output, inputs, overwrite=args.overwrite)
+    options = _options(args)
+    check_device(options.device)
+    return load_bundle(args.bundle), options
+
+
+def _run(args, image, title: str, bundle, options, inputs=()):
     from .pipeline import segment, write_outputs
 
-    bundle = load_bundle(args.bundle)
-    options = _options(args)
     reporter = _ProgressReporter(args.progress)
     result = segment(image, bundle, options, progress=reporter)
     reporter.close()
@@ -135,11 +188,11 @@ def _run(args, image, title: str, inputs=()):
 
 def _segment(args) -> int:
     from .image_io import read_image
-    from .output_folder import check_output_folder
 
-    check_output_folder(args.output, [args.input], overwrite=args.overwrite)  # before the slow part
-    image = read_image(args.input)
-    result, out = _run(args, image, title=f"Liver and tumour segmentation of {args.input.name}", inputs=[args.input])
+    bundle, options = _prepare_run(args, [args.input])
+    image = read_image(args.input, series=args.series)
+    result, out = _run(args, image, f"Liver and tumour segmentation of {args.input.name}", bundle, options,
+                       inputs=[args.input])
     _print_volumetry(result.volumetry)
     print(f"outputs: {out}")
     return 0
@@ -147,17 +200,16 @@ def _segment(args) -> int:
 
 def _demo(args) -> int:
     from .metrics import dice
-    from .output_folder import check_output_folder
     from .phantoms import generate_phantom
 
     args.output = args.output or Path(tempfile.mkdtemp(prefix="livertumorseg-demo-")) / "result"
-    check_output_folder(args.output, overwrite=args.overwrite)
+    bundle, options = _prepare_run(args)
     started = time.perf_counter()
     phantom = generate_phantom(args.seed, size="full")
     print(f"phantom: seed {args.seed}, {phantom.image.array.shape[::-1]} voxels, spacing "
           f"{tuple(round(s, 2) for s in phantom.image.geometry.spacing)} mm, {len(phantom.tumours)} tumour(s), "
           f"{phantom.meta.get('phase', '')} phase ({time.perf_counter() - started:.1f} s)")
-    result, out = _run(args, phantom.image, title=f"LiverTumorSeg demo: synthetic CT phantom (seed {args.seed})")
+    result, out = _run(args, phantom.image, f"LiverTumorSeg demo: synthetic CT phantom (seed {args.seed})", bundle, options)
     _print_volumetry(result.volumetry)
     labels = result.labels.array
     print(f"Dice against the phantom's truth: liver {dice(labels >= 1, phantom.label >= 1):.3f}, "
@@ -171,7 +223,7 @@ def _phantom(args) -> int:
     from .phantoms import write_phantom_dataset
 
     if args.count < 1:
-        raise InputError("--count must be at least 1.")
+        raise UsageError("--count must be at least 1.")
     written = write_phantom_dataset(args.out, args.count, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {args.count} case(s) to {args.out} ({len(written)} files)")
     return 0
@@ -184,6 +236,24 @@ def _phantom_stats(args) -> int:
     print(f"{'tissue':<24}{'mean HU':>10}{'std HU':>10}{'voxels':>14}")
     for row in tissue_hu_table(phantoms):
         print(f"{row['tissue']:<24}{row['mean_hu']:>10.1f}{row['std_hu']:>10.1f}{row['voxels']:>14d}")
+    return 0
+
+
+def _plan(args) -> int:
+    from .image_io import read_image
+    from .resection import Plane, check_same_grid, plan_resection
+    from .resection_report import check_plan_folder, summary_lines, write_plan
+
+    inputs = {"segmentation": args.segmentation, **({"resected": args.resected} if args.resected else {})}
+    check_plan_folder(args.output, inputs.values(), overwrite=args.overwrite)
+    labels = read_image(args.segmentation, kind="label map")
+    plane = Plane.parse(args.plane) if args.plane else None
+    mask = check_same_grid(read_image(args.resected, kind="resected mask"), labels) if args.resected else None
+    plan = plan_resection(labels.array, labels.geometry, plane=plane, resected=mask, liver_state=args.liver_state)
+    out = write_plan(args.output, plan, labels.array, labels.geometry, title=f"Resection plan for {args.segmentation.name}",
+                     inputs={name: str(path) for name, path in inputs.items()}, overwrite=args.overwrite)
+    print("\n".join(summary_lines(plan.result)))
+    print(f"outputs: {out}")
     return 0
 
 

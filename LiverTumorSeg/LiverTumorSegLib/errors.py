@@ -28,6 +28,18 @@ class BundleError(LiverTumorSegError):
     exit_code = 4
 
 
+class DeviceError(LiverTumorSegError):
+    """The requested compute device (e.g. ``--device cuda``) is not available here."""
+
+    exit_code = 5
+
+
+class UsageError(LiverTumorSegError):
+    """A command-line option has an invalid value (argparse's own usage errors exit with the same code)."""
+
+    exit_code = 64  # EX_USAGE of sysexits.h
+
+
 class Cancelled(LiverTumorSegError):
     """Processing was cancelled by the user; nothing was written."""
 

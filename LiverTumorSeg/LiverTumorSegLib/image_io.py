@@ -10,7 +10,6 @@ atomic writes that never leave partial output or overwrite by accident.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -24,14 +23,14 @@ import SimpleITK as sitk
 
 from .errors import InputError, OutputError
 
-log = logging.getLogger("LiverTumorSeg")
-
 #: File name endings SimpleITK reads as one 3D image (DICOM comes as a folder).
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Canonical processing orientation: array axes (z, y, x) run inferior→superior,
 #: anterior→posterior and right→left, i.e. the voxel axes point to L, P, S (DICOM/LPS convention).
 CANONICAL_ORIENTATION = "LPS"
 MIN_SLICES = 3
+#: Plausible voxel spacings of a CT (mm); outside them the header's unit is wrong.
+MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 50.0
 
 
 @dataclass(frozen=True)
@@ -90,17 +89,18 @@ class Image:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | os.PathLike, *, kind: str = "image") -> Image:
+def read_image(path: str | os.PathLike, *, kind: str = "image", series: str | None = None) -> Image:
     """Read a NIfTI / NRRD / MHA / MHD file or a DICOM series folder into an :class:`Image`.
 
-    ``kind`` ("image" or "label map") only words the error messages. Every problem a user can meet
+    ``kind`` ("image" or "label map") only words the error messages; ``series`` picks a DICOM series by
+    its SeriesInstanceUID (see :func:`.dicom_series.read_dicom_series`). Every problem a user can meet
     raises :class:`InputError` with a message that says what is wrong and what to do.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{kind} not found: '{path}'. Check the path; a DICOM series is given as its folder.")
     if path.is_dir():
-        image = _read_dicom_folder(path)
+        image = _read_dicom_folder(path, series)
     else:
         if path.stat().st_size == 0:
             raise InputError(f"'{path}' is an empty file. Export the {kind} again.")
@@ -129,21 +129,17 @@ def _check_complete(path: Path, image: sitk.Image, kind: str) -> None:
     """Refuse truncated files, which ITK reads without complaint (the missing voxels come back as zeros).
 
     ITK checks neither the end of a gzip stream nor the length of uncompressed voxel data, so both are
-    checked here: a gzip file must decompress to its end, and it or a plain file must hold at least the
-    voxel bytes its header promises.
+    checked here: every member of a gzip file must decompress to its end, and the data must hold at least
+    the voxel bytes its header promises. For NIfTI that is the *stored* type (``bitpix``) after
+    ``vox_offset``, not the type ITK returns after applying ``scl_slope``/``scl_inter``.
     """
-    expected = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
     name = path.name.lower()
-    if name.endswith(".gz"):
-        decompressor, size = zlib.decompressobj(16 + zlib.MAX_WBITS), 0
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                size += len(decompressor.decompress(block, 1 << 26))
-                while decompressor.unconsumed_tail:
-                    size += len(decompressor.decompress(decompressor.unconsumed_tail, 1 << 26))
-        complete = decompressor.eof and size >= expected
-    elif name.endswith(".nii") or (name.endswith((".mha", ".nrrd")) and not _has_compressed_payload(path)):
-        complete = path.stat().st_size >= expected
+    expected = _stored_bytes(image)
+    if name.endswith(".gz") and _is_gzip(path):
+        complete, size = _gzip_size(path)
+        complete = complete and size >= expected
+    elif name.endswith((".nii", ".nii.gz")) or (name.endswith((".mha", ".nrrd")) and not _has_compressed_payload(path)):
+        complete = path.stat().st_size >= expected  # a plain file (also one named .gz that is not compressed)
     else:
         complete = True  # detached or compressed payloads: ITK's own reader checks those
     if not complete:
@@ -151,6 +147,38 @@ def _check_complete(path: Path, image: sitk.Image, kind: str) -> None:
             f"'{path}' is truncated: it holds fewer voxel bytes than its header announces. "
             f"Copy or export the {kind} again."
         )
+
+
+def _stored_bytes(image: sitk.Image) -> int:
+    """Bytes of voxel data the file must hold: NIfTI's header offset + stored type, else ITK's pixel type."""
+    voxels = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel()
+    if image.HasMetaDataKey("bitpix") and image.HasMetaDataKey("vox_offset"):
+        return int(float(image.GetMetaData("vox_offset"))) + voxels * int(image.GetMetaData("bitpix")) // 8
+    return voxels * image.GetSizeOfPixelComponent()
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def _gzip_size(path: Path) -> tuple[bool, int]:
+    """(whether every gzip member ends properly, total decompressed bytes); members are read one after
+    another, as gzip itself does (``cat a.gz b.gz`` is a valid gzip file)."""
+    decompressor, size = zlib.decompressobj(16 + zlib.MAX_WBITS), 0
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                while block:
+                    size += len(decompressor.decompress(block, 1 << 26))
+                    while decompressor.unconsumed_tail:
+                        size += len(decompressor.decompress(decompressor.unconsumed_tail, 1 << 26))
+                    block = decompressor.unused_data if decompressor.eof else b""
+                    if block:  # the next member starts in this block
+                        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    except zlib.error:
+        return False, size
+    return decompressor.eof, size
 
 
 def _has_compressed_payload(path: Path) -> bool:
@@ -162,28 +190,10 @@ def _has_compressed_payload(path: Path) -> bool:
     return b"encoding:raw" not in header or b"datafile:" in header
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series_ids = reader.GetGDCMSeriesIDs(str(folder)) or []
-    series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
-    if not series:
-        raise InputError(
-            f"No DICOM series found in the folder '{folder}'. Give a folder that holds the CT's DICOM files "
-            f"(one series), or an image file ({', '.join(IMAGE_SUFFIXES)})."
-        )
-    chosen = max(series, key=lambda sid: len(series[sid]))
-    others = [f"{sid} ({len(files)} files)" for sid, files in series.items() if sid != chosen]
-    if others:
-        log.warning(
-            "The folder '%s' holds %d DICOM series; using the largest, %s (%d files). Also found: %s. "
-            "Give a folder with only the wanted series to choose another.",
-            folder, len(series), chosen, len(series[chosen]), "; ".join(others),
-        )
-    reader.SetFileNames(series[chosen])
-    try:
-        return reader.Execute()
-    except RuntimeError as error:
-        raise InputError(f"The DICOM series in '{folder}' could not be read ({_first_line(error)}).") from None
+def _read_dicom_folder(folder: Path, series: str | None = None) -> sitk.Image:
+    from .dicom_series import read_dicom_series
+
+    return read_dicom_series(folder, series)
 
 
 def _validate(image: sitk.Image, path: Path, kind: str) -> None:
@@ -205,6 +215,20 @@ def _validate(image: sitk.Image, path: Path, kind: str) -> None:
     spacing = image.GetSpacing()
     if not all(np.isfinite(s) and s > 0 for s in spacing):  # ITK folds negative spacings into the direction
         raise InputError(_SPACING_MESSAGE.format(path=path, spacing=tuple(spacing)))
+    if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
+        raise InputError(
+            f"'{path}' has a voxel spacing of {tuple(round(s, 4) for s in spacing)} mm, which no CT has (expected "
+            f"{MIN_SPACING_MM}–{MAX_SPACING_MM} mm). The header's unit is probably wrong (metres or micrometres "
+            "instead of millimetres): fix the spacing in the header (e.g. in 3D Slicer's Volumes module) and save again."
+        )
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise InputError(
+            f"'{path}' has a non-orthogonal (sheared) direction matrix, e.g. from a gantry-tilted series saved "
+            "without correction; its voxels are not boxes, so volumes and the output grids would be wrong. "
+            "Resample it onto an orthogonal grid first (e.g. dcm2niix corrects gantry tilt, or 3D Slicer's "
+            "'Harden transform'), or give the DICOM series folder, which is corrected on reading."
+        )
     if image.GetSize()[2] < MIN_SLICES:
         raise InputError(
             f"'{path}' has only {image.GetSize()[2]} slice(s); at least {MIN_SLICES} are needed "

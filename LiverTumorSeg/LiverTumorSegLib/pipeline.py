@@ -54,21 +54,48 @@ class SegmentationResult:
     details: dict  # bundle, stages run or skipped, thresholds, timings, warnings
 
 
+#: Adult liver volumes outside this range (mL) are flagged for review.
+PLAUSIBLE_LIVER_ML = (600.0, 4500.0)
+#: Share of the liver's voxels on the image's border above which the liver counts as cut by the field of view.
+LIVER_EDGE_FRACTION = 0.005
+
+
 def check_ct_intensities(image: Image) -> list[str]:
     """Refuse volumes that are clearly not CT in Hounsfield units; return warnings for doubtful ones.
 
-    CT of the abdomen always holds air (≈ −1000 HU, outside the body or in the bowel) and fat (≈ −100 HU).
-    A volume with no value below 0 is MR, PET or CT stored without its rescale intercept, and the
-    HU window of the network would be meaningless on it.
+    CT of the abdomen always holds air (≈ −1000 HU: outside the body, lungs, bowel gas) or fat (≈ −100 HU:
+    subcutaneous and visceral), and dense values (> 1000 HU) only in bone cortex and metal. A volume with no
+    negative value, stored in 8 bits, without either air or fat, or with much of it above 1000 HU (CT saved
+    without its −1024 rescale intercept, PET in Bq/mL, MR) would make the network's HU window meaningless.
     """
+    command = "pass --skip-intensity-check (Slicer: Advanced > skip the intensity check) if you are sure."
+    if np.issubdtype(image.array.dtype, np.integer) and image.array.dtype.itemsize == 1:
+        raise InputError(
+            f"The image is stored as {image.array.dtype} (8 bits), which cannot hold Hounsfield units (air −1000, "
+            f"bone above 300): it is a windowed or display export. Give the original CT series, or {command}"
+        )
     values = image.array.ravel()[:: max(1, image.array.size // 2_000_000)].astype(np.float32)
     low, high = np.percentile(values, [0.5, 99.5])
     if values.min() >= 0:
         raise InputError(
             f"The image has no negative values (range {values.min():.0f} to {values.max():.0f}), so it is not CT in "
             "Hounsfield units (air is −1000 HU): it looks like MR, or a CT saved without its rescale intercept. "
-            "Give a CT volume in HU (e.g. load the DICOM series, which applies the rescale), or pass "
-            "--skip-intensity-check if you are sure."
+            f"Give a CT volume in HU (e.g. load the DICOM series, which applies the rescale), or {command}"
+        )
+    in_range = values[values >= -1100]  # leaves out padding (−2000, −3024) outside the scan circle
+    share = (lambda lo, hi: float(np.count_nonzero((in_range >= lo) & (in_range <= hi))) / max(in_range.size, 1))
+    air, fat, dense = share(-1100, -900), share(-150, -50), share(1000, np.inf)
+    if dense > 0.3:
+        raise InputError(
+            f"{dense:.0%} of the voxels are above 1000 HU, where only bone cortex and metal lie: this looks like a CT "
+            "stored without its rescale intercept (HU + 1024) or not a CT at all (PET, MR). Give a CT volume in HU, "
+            f"or {command}"
+        )
+    if air < 0.005 and fat < 0.005:
+        raise InputError(
+            f"The image shows neither air (−1000 HU: {air:.1%} of voxels) nor fat (−100 HU: {fat:.1%}), which every "
+            "abdominal CT in Hounsfield units has: it looks like PET, MR or a CT on another intensity scale. Give a "
+            f"CT volume in HU, or {command}"
         )
     warnings = []
     if low > -500:
@@ -78,6 +105,33 @@ def check_ct_intensities(image: Image) -> list[str]:
         )
     if high > 4000:
         warnings.append(f"Very high intensities (99.5th percentile {high:.0f} HU): metal or a non-CT scale.")
+    return warnings
+
+
+def check_result_plausibility(labels: np.ndarray, volumetry: dict) -> list[str]:
+    """Warnings for a segmentation whose volumes may be wrong: an adult liver volume out of range, or a liver
+    cut by the edge of the image (its volume is then underestimated)."""
+    liver_ml = volumetry["liver_volume_ml"]
+    if liver_ml == 0:
+        return []
+    warnings = []
+    low, high = PLAUSIBLE_LIVER_ML
+    if not low <= liver_ml <= high:
+        warnings.append(
+            f"The liver volume {liver_ml:.0f} mL is outside the usual adult range ({low:.0f}–{high:.0f} mL): the "
+            "field of view may cut the liver, the segmentation may leak into neighbouring organs or miss part of the "
+            "liver, or the patient is not an adult. Review the segmentation before using its volumes."
+        )
+    liver = labels >= 1
+    faces = {"first slice": liver[0], "last slice": liver[-1], "first row": liver[:, 0], "last row": liver[:, -1],
+             "first column": liver[:, :, 0], "last column": liver[:, :, -1]}
+    total = np.count_nonzero(liver)
+    touching = [name for name, face in faces.items() if np.count_nonzero(face) > LIVER_EDGE_FRACTION * total]
+    if touching:
+        warnings.append(
+            f"The liver touches the edge of the image ({', '.join(touching)}): part of it probably lies outside the "
+            "field of view, so the liver volume is underestimated and a tumour there may be missed."
+        )
     return warnings
 
 
@@ -120,6 +174,13 @@ def segment(
         volumetry = measure(labels.array, image.array, image.geometry, probability_map=lesion_probability)
     if volumetry["liver_volume_ml"] == 0:
         warnings.append("No liver was found in this image: the segmentation is empty. Is the liver in the field of view?")
+    warnings += check_result_plausibility(labels.array, volumetry)
+    unfiltered = details_extra.get("radiomics filter", {}).get("kept_despite_failed_features")
+    if unfiltered:
+        warnings.append(
+            f"Radiomic features could not be computed for {len(unfiltered)} candidate lesion(s); they were kept "
+            "without the false-positive filter's judgement (run.json: radiomics filter → feature_failures)."
+        )
     for message in warnings:
         log.warning(message)
     progress("done", 1.0)

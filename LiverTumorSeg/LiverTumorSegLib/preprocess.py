@@ -45,13 +45,22 @@ class InputContract:
 
     @classmethod
     def from_dict(cls, data: dict) -> "InputContract":
-        return cls(
+        """The contract from a manifest's "input"; ``ValueError`` when a value cannot work."""
+        contract = cls(
             float(data["in_plane_spacing_mm"]),
             tuple(float(v) for v in data["hu_window"]),
             tuple(int(v) for v in data["stack_offsets"]),
             int(data["spatial_multiple"]),
             int(data["training_tile"]),
         )
+        low, high = contract.hu_window if len(contract.hu_window) == 2 else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise ValueError(f"hu_window must be [low, high] with low < high, got {list(contract.hu_window)}")
+        if not (np.isfinite(contract.in_plane_spacing_mm) and contract.in_plane_spacing_mm > 0):
+            raise ValueError(f"in_plane_spacing_mm must be positive, got {contract.in_plane_spacing_mm}")
+        if not contract.stack_offsets or contract.spatial_multiple < 1 or contract.training_tile < 1:
+            raise ValueError("stack_offsets must be non-empty and spatial_multiple, training_tile positive")
+        return contract
 
 
 @dataclass

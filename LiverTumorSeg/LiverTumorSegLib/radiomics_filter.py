@@ -169,6 +169,16 @@ assert len(FEATURE_NAMES) == 728 and len(set(FEATURE_NAMES)) == 728
 Progress = Callable[[str, float], None]
 
 
+def pyradiomics_version() -> str:
+    """The installed pyradiomics version (recorded with a trained classifier; the major version must match)."""
+    return str(getattr(_radiomics(), "__version__", "unknown"))
+
+
+def _major(version: str) -> str:
+    """'v3.1.4' → '3' (pyradiomics writes its version with a leading v)."""
+    return version.strip().lstrip("vV").split(".")[0]
+
+
 def feature_settings() -> dict:
     """The extraction settings; stored with a trained classifier and checked when it is loaded."""
     return {
@@ -532,6 +542,13 @@ class LesionClassifier:
             raise BundleError(f"The lesion classifier uses features this LiverTumorSeg does not know: {', '.join(unknown[:5])}.")
         if not (len(self.mean) == len(self.std) == len(self.feature_names)):
             raise BundleError("The lesion classifier's standardisation does not match its feature list; export it again.")
+        trained_with = str(meta.get("pyradiomics_version") or "")
+        if trained_with and _major(trained_with) != _major(pyradiomics_version()):
+            raise BundleError(
+                f"The lesion classifier was trained with pyradiomics {trained_with}, but pyradiomics "
+                f"{pyradiomics_version()} is installed; features of another major version differ. Install pyradiomics "
+                f"{_major(trained_with)}.x, retrain the classifier, or switch the radiomics filter off."
+            )
         settings = meta.get("settings")
         if settings != json.loads(json.dumps(feature_settings())):
             raise BundleError(
@@ -676,8 +693,12 @@ def filter_lesions(
     extract_s = time.perf_counter() - t0
     check_cancel()
     probabilities = classifier.predict(features) if count else np.zeros(0)
-    kept = {i + 1: float(p) for i, p in enumerate(probabilities) if p >= classifier.tau}
-    dropped = {i + 1: float(p) for i, p in enumerate(probabilities) if p < classifier.tau}
+    # A lesion whose selected features could not all be computed is kept: its probability would rest on
+    # imputed training means, not on the lesion.
+    failures = {i + 1: n for i, f in enumerate(features)
+                if (n := sum(not math.isfinite(float(f.get(name, math.nan))) for name in names))}
+    kept = {i + 1: float(p) for i, p in enumerate(probabilities) if p >= classifier.tau or i + 1 in failures}
+    dropped = {i + 1: float(p) for i, p in enumerate(probabilities) if i + 1 not in kept}
     out = labels.copy()
     if dropped:
         out[np.isin(components, list(dropped))] = 1
@@ -690,6 +711,8 @@ def filter_lesions(
         "dropped_probabilities": dropped,
         "tau_rf": classifier.tau,
         "features": len(names),
+        "feature_failures": failures,  # candidate index → number of selected features that could not be computed
+        "kept_despite_failed_features": sorted(i for i in failures if probabilities[i - 1] < classifier.tau),
         "executor": kind,
         "workers": workers,
         "timings_s": {"features": round(extract_s, 3), "total": round(time.perf_counter() - started, 3)},

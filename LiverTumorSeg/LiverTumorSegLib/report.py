@@ -221,6 +221,7 @@ def _html_page(title, volumetry, figures, details, geometry, shape) -> str:
         f"{' × '.join(f'{s:.3g}' for s in geometry.spacing)} mm, orientation "
         f"{esc(sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(geometry.direction))}.</p>",
         f'<p class="note"><strong>{esc(RESEARCH_NOTE)}</strong></p>',
+        *(f'<p class="note"><strong>Check:</strong> {esc(warning)}</p>' for warning in (details or {}).get("warnings", [])),
         "<h2>Volumetry</h2>",
         '<table class="summary">',
         *(f'<tr><td>{esc(name)}</td><td class="num">{esc(value)}</td></tr>' for name, value in summary),

@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from LiverTumorSegLib.radiomics_filter import COMPONENT, FEATURE_NAMES, LesionClassifier, feature_settings
+from LiverTumorSegLib.radiomics_filter import (COMPONENT, FEATURE_NAMES, LesionClassifier, feature_settings,
+                                               pyradiomics_version)
 
 from .feature_selection import impute_nonfinite, select_features
 
@@ -233,7 +234,7 @@ def fit_classifier(table, *, seed: int = 0, out_dir: str | Path | None = None, f
         "samples": {**counts, "train": int(len(train)), "validation": int(len(val)), "validation_split": split},
         "metrics": {"validation": validation, "cross_validation_table1": table1},
         "selection": selection.summary(),
-        "pyradiomics_version": _pyradiomics_version(),
+        "pyradiomics_version": pyradiomics_version(),
         "seconds": round(time.perf_counter() - started, 1),
     }
     json_path = out_dir / JSON_FILE
@@ -319,15 +320,6 @@ def train_lesion_classifier(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
-
-
-def _pyradiomics_version() -> str:
-    try:
-        import radiomics
-
-        return str(radiomics.__version__)
-    except Exception:  # pragma: no cover - the engine's extraction already needed it
-        return "unknown"
 
 
 __all__ = [
