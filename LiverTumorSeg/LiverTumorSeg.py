@@ -186,6 +186,12 @@ MANUALLY_BOUND_PARAMETERS = {
     "bundlePath": "bundlePathLineEdit",  # str ("" = the bundled model); ctkPathLineEdit binds only pathlib.Path
 }
 
+#: Liver states of the resection planner (keys of ``LiverTumorSegLib.resection.FLR_THRESHOLDS_PERCENT``)
+#: with the minimum future liver remnant each needs, in the order of the liver-state combo box.
+LIVER_STATES = (("normal", 20), ("chemotherapy", 30), ("cirrhosis", 40))
+#: Wait this long after the last move of the resection plane before the plan is computed again.
+RESECTION_UPDATE_DELAY_MS = 300
+
 # ------------------------------------------------------------------------------------------------
 # Module
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +214,10 @@ class LiverTumorSeg(ScriptedLoadableModule):
             "<i>Liver</i> and <i>Liver tumor</i> (optionally one segment per lesion) and a volumetry table. "
             "Processing runs in the background; press <b>Cancel</b> to stop it. The first run installs the Python "
             "packages the engine needs (ONNX Runtime, scikit-image, PyRadiomics) after asking.<br><br>"
+            "<b>Resection planning</b>: cut the segmented liver with a Markups plane (its normal points into the part "
+            "that is resected) or a segment named <i>Resected</i>, and get the remnant and resected volumes, the future "
+            "liver remnant (FLR) against the threshold of the liver state, and each tumour's margin to the cut, as a "
+            "table, <i>Liver remnant</i> / <i>Liver resected</i> segments and a printable report.<br><br>"
             "The bundled demonstration model was trained on synthetic CT phantoms: use a model trained on real data "
             "(Advanced > Model folder) for real scans. For research use only, not for clinical decisions.<br><br>"
             f'See the <a href="{DOCUMENTATION_URL}">documentation</a> for details.'
@@ -264,6 +274,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._resectionPlane = None
+        self._resectionTimer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -287,6 +299,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.onBundlePathChanged)
+        self._setupResectionPlanning()
 
         self.initializeParameterNode()
         self._setStatus(_("Select a contrast-enhanced CT volume and press Apply."))
@@ -295,6 +308,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes or the module is reloaded: stop a running segmentation."""
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel()
+        if self._resectionTimer is not None:
+            self._resectionTimer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -307,6 +322,11 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is not None and self.logic.isRunning():
             self.logic.cancel()  # its input is about to disappear
         self.setParameterNode(None)
+        self._observeResectionPlane(None)
+        if self._resectionTimer is not None:
+            self._resectionTimer.stop()
+        self.logic.clearResection()
+        self.ui.saveResectionReportButton.enabled = False
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -356,7 +376,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasInput = bool(parameterNode and parameterNode.inputVolume)
 
         for section in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
-                        self.ui.advancedCollapsibleButton):
+                        self.ui.advancedCollapsibleButton, self.ui.resectionCollapsibleButton):
             section.enabled = not running
         if running:
             self.ui.applyButton.text = _("Cancel")
@@ -395,6 +415,123 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setStatus(self, text):
         self.ui.statusLabel.text = text
+
+    # ------------------------------------------------------------------------ resection planning
+
+    def _setupResectionPlanning(self):
+        combo = self.ui.liverStateComboBox
+        combo.clear()
+        names = {"normal": _("Normal liver"), "chemotherapy": _("After chemotherapy"), "cirrhosis": _("Cirrhosis")}
+        for state, threshold in LIVER_STATES:
+            combo.addItem(_("{state} (FLR \u2265 {threshold} %)").format(state=names[state], threshold=threshold), state)
+        self._resectionTimer = qt.QTimer()
+        self._resectionTimer.setSingleShot(True)
+        self._resectionTimer.setInterval(RESECTION_UPDATE_DELAY_MS)
+        self._resectionTimer.connect("timeout()", lambda: self.onUpdateResection(automatic=True))
+        self.ui.resectionPlaneSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onResectionPlaneChanged)
+        self.ui.resectionPlaneRadioButton.connect("toggled(bool)", self._onResectionChoiceChanged)
+        self.ui.resectionFlipCheckBox.connect("toggled(bool)", lambda checked: self._scheduleResectionUpdate())
+        self.ui.liverStateComboBox.connect("currentIndexChanged(int)", lambda index: self._scheduleResectionUpdate())
+        self.ui.updateResectionButton.connect("clicked(bool)", lambda checked=False: self.onUpdateResection())
+        self.ui.saveResectionReportButton.connect("clicked(bool)", self.onSaveResectionReport)
+        self._onResectionChoiceChanged()
+
+    def _usePlane(self):
+        return self.ui.resectionPlaneRadioButton.checked
+
+    def _onResectionChoiceChanged(self, checked=None):
+        usePlane = self._usePlane()
+        self.ui.resectionPlaneSelector.enabled = usePlane
+        self.ui.resectionFlipCheckBox.enabled = usePlane
+        self._scheduleResectionUpdate()
+
+    def onResectionPlaneChanged(self, node):
+        self._observeResectionPlane(node)
+        self._scheduleResectionUpdate()
+
+    def _observeResectionPlane(self, node):
+        """Recompute the plan (after a short delay) whenever the plane, its points or its transform change."""
+        events = (vtk.vtkCommand.ModifiedEvent, slicer.vtkMRMLMarkupsNode.PointModifiedEvent,
+                  slicer.vtkMRMLTransformableNode.TransformModifiedEvent)
+        if self._resectionPlane is not None:
+            for event in events:
+                self.removeObserver(self._resectionPlane, event, self._onResectionPlaneModified)
+        self._resectionPlane = node
+        if node is not None:
+            for event in events:
+                self.addObserver(node, event, self._onResectionPlaneModified)
+
+    def _onResectionPlaneModified(self, caller=None, event=None):
+        if self._usePlane():
+            self._scheduleResectionUpdate()
+
+    def _scheduleResectionUpdate(self):
+        """Restart the single-shot timer: a plane being dragged is planned once it rests for a moment."""
+        if self._resectionTimer is None or (self.logic is not None and self.logic.isRunning()):
+            return
+        if self._usePlane() and self.ui.resectionPlaneSelector.currentNode() is None:
+            return
+        self._resectionTimer.start()
+
+    def onUpdateResection(self, automatic=False):
+        """Plan the resection with the current choices; errors go to the result label (and a dialog when asked)."""
+        from LiverTumorSegLib.errors import InputError
+        from LiverTumorSegLib.resection_nodes import RESECTED_SEGMENT_NAME, find_segment_id, summary_text
+
+        parameterNode = self._parameterNode or self.logic.getParameterNode()
+        segmentationNode, referenceVolume = parameterNode.outputSegmentation, parameterNode.inputVolume
+        label = self.ui.resectionResultLabel
+        if segmentationNode is None or referenceVolume is None:
+            label.text = _("Select the CT volume and its output segmentation (segment the liver first).")
+            return None
+        planeNode, segmentId = None, None
+        if self._usePlane():
+            planeNode = self.ui.resectionPlaneSelector.currentNode()
+            if planeNode is None:
+                label.text = _("Choose or create a resection plane.")
+                return None
+        else:
+            segmentId = find_segment_id(segmentationNode, RESECTED_SEGMENT_NAME)
+            if segmentId is None:
+                label.text = _('The output segmentation has no segment named "{name}". Draw the part to resect as '
+                               "such a segment in the Segment Editor, or choose a plane.").format(name=RESECTED_SEGMENT_NAME)
+                return None
+        combo = self.ui.liverStateComboBox
+        liverState = combo.itemData(combo.currentIndex) or "normal"
+        try:
+            with slicer.util.WaitCursor():
+                plan = self.logic.planResection(
+                    segmentationNode, referenceVolume, planeNode=planeNode, resectedSegmentId=segmentId,
+                    liverState=liverState, flipPlane=self.ui.resectionFlipCheckBox.checked, reuseLabels=automatic)
+        except InputError as error:
+            label.text = str(error)
+            self.ui.saveResectionReportButton.enabled = False
+            return None
+        except Exception as error:
+            logging.exception("LiverTumorSeg: resection planning failed")
+            label.text = _("The resection could not be planned: {error}").format(error=error)
+            self.ui.saveResectionReportButton.enabled = False
+            if not automatic:
+                slicer.util.errorDisplay(label.text, windowTitle=_("Resection planning"))
+            return None
+        label.text = summary_text(plan.result)
+        self.ui.saveResectionReportButton.enabled = True
+        return plan
+
+    def onSaveResectionReport(self):
+        from LiverTumorSegLib.resection_nodes import report_folder
+
+        if self.logic.lastResection is None:
+            return
+        start = slicer.mrmlScene.GetRootDirectory() or str(Path.home())
+        parent = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Folder for the planning report (a new subfolder is created in it)"), start)
+        if not parent:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The planning report could not be written."), waitCursor=True):
+            folder = self.logic.saveResectionReport(report_folder(parent, self.logic.lastResection.title))
+            self.ui.resectionResultLabel.text = self.ui.resectionResultLabel.text + "\n" + _(
+                "Report saved in {folder}").format(folder=folder)
 
     # ------------------------------------------------------------------------------- processing
 
@@ -618,6 +755,19 @@ class EngineProcess:
 
 
 @dataclass
+class ResectionPlanState:
+    """The last resection plan with what its report needs, and the nodes that show it."""
+
+    plan: Any
+    labels: Any
+    geometry: Any
+    title: str
+    inputs: dict
+    tableNode: Any = None
+    segmentationNode: Any = None
+
+
+@dataclass
 class _Run:
     """State of the run in progress."""
 
@@ -661,10 +811,16 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
     _dependenciesChecked = False
     _cudaAvailable = None
 
+    #: Node reference roles on the segmentation that link its resection plan table and segmentation.
+    RESECTION_TABLE_REFERENCE = "LiverTumorSegResectionTable"
+    RESECTION_SEGMENTATION_REFERENCE = "LiverTumorSegResectionSegmentation"
+
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self._run = None
         self._timer = None
+        self.lastResection = None
+        self._resectionLabels = None
 
     def getParameterNode(self):
         return LiverTumorSegParameterNode(super().getParameterNode())
@@ -1028,6 +1184,77 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         result.volumetry = volumetry
         result.labels = labels
 
+    # ---------------------------------------------------------------------------- resection planning
+
+    def planResection(self, segmentationNode, referenceVolume, planeNode=None, resectedSegmentId=None,
+                      liverState="normal", flipPlane=False, reuseLabels=False):
+        """Plan a resection on the segmentation's liver and tumours; returns the engine's ResectionPlan.
+
+        Give a Markups plane (its normal points into the resected part; ``flipPlane`` resects the other
+        side) or the ID of a segment of ``segmentationNode`` to resect. The segments are read on the grid
+        of ``referenceVolume`` (the CT); ``reuseLabels`` reuses the label map read for the same nodes last
+        time (while a plane is dragged). Fills or creates the plan table and the "Liver remnant" / "Liver
+        resected" segmentation, linked to ``segmentationNode`` by node references, and keeps the plan in
+        ``lastResection`` for :meth:`saveResectionReport`. Raises the engine's InputError with a message
+        for the user when the inputs cannot be planned (no liver, plane outside the liver, ...).
+        """
+        from LiverTumorSegLib import resection_nodes
+
+        scene = segmentationNode.GetScene()
+        key = (segmentationNode.GetID(), referenceVolume.GetID())
+        labels = None
+        if reuseLabels and self._resectionLabels is not None and self._resectionLabels[0] == key:
+            labels = self._resectionLabels[1]
+        plan, labels, geometry = resection_nodes.plan_from_nodes(
+            segmentationNode, referenceVolume, plane_node=planeNode, resected_segment_id=resectedSegmentId,
+            liver_state=liverState, flip=flipPlane, labels=labels)
+        self._resectionLabels = (key, labels)
+
+        created = []
+        table = segmentationNode.GetNodeReference(self.RESECTION_TABLE_REFERENCE)
+        table = resection_nodes.plan_table_node(
+            scene, plan.result, name=f"{referenceVolume.GetName()} resection plan",
+            table_node=table if _inScene(scene, table) else None)
+        if segmentationNode.GetNodeReferenceID(self.RESECTION_TABLE_REFERENCE) != table.GetID():
+            segmentationNode.SetNodeReferenceID(self.RESECTION_TABLE_REFERENCE, table.GetID())
+            created.append(table)
+        target = segmentationNode.GetNodeReference(self.RESECTION_SEGMENTATION_REFERENCE)
+        target = resection_nodes.remnant_resected_segmentation(
+            scene, plan, labels, geometry, f"{referenceVolume.GetName()} resection",
+            segmentation_node=target if _inScene(scene, target) else None,
+            reference_volume_node=referenceVolume, tumours=True)
+        if segmentationNode.GetNodeReferenceID(self.RESECTION_SEGMENTATION_REFERENCE) != target.GetID():
+            segmentationNode.SetNodeReferenceID(self.RESECTION_SEGMENTATION_REFERENCE, target.GetID())
+            created.append(target)
+        if created:
+            self.placeInStudy(referenceVolume, created)
+
+        if planeNode is not None:
+            method = f"plane '{planeNode.GetName()}'" + (" (other side)" if flipPlane else "")
+        else:
+            segment = segmentationNode.GetSegmentation().GetSegment(resectedSegmentId)
+            method = f"segment '{segment.GetName() if segment else resectedSegmentId}'"
+        inputs = {"volume": referenceVolume.GetName(), "segmentation": segmentationNode.GetName(), "resection": method}
+        self.lastResection = ResectionPlanState(plan, labels, geometry, referenceVolume.GetName(), inputs,
+                                                table, target)
+        return plan
+
+    def saveResectionReport(self, folder):
+        """Write plan.json, plan.csv and plan.html of the last plan into the new folder ``folder``; return it."""
+        from LiverTumorSegLib.resection_report import check_plan_folder, write_plan
+
+        state = self.lastResection
+        if state is None:
+            raise LiverTumorSegError(_("Plan a resection first."))
+        folder = check_plan_folder(Path(folder))
+        return write_plan(folder, state.plan, state.labels, state.geometry,
+                          title=_("Resection plan: {name}").format(name=state.title), inputs=state.inputs)
+
+    def clearResection(self):
+        """Forget the last plan and the label map kept for it (e.g. when the scene closes)."""
+        self.lastResection = None
+        self._resectionLabels = None
+
     @staticmethod
     def placeInStudy(volumeNode, nodes):
         """Put ``nodes`` in the subject hierarchy next to ``volumeNode`` (same patient/study folder)."""
@@ -1140,6 +1367,8 @@ class LiverTumorSegTest(ScriptedLoadableModuleTest):
         self.test_CancelLeavesSceneUnchanged()
         self.setUp()
         self.test_NonCtInputShowsEngineMessage()
+        self.setUp()
+        self.test_ResectionPlanning()
 
     # ------------------------------------------------------------------------------ shared steps
 
@@ -1277,4 +1506,45 @@ class LiverTumorSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(context.exception.result.exitCode, 2)
         self.assertIn("Hounsfield", str(context.exception))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Test passed")
+
+    def test_ResectionPlanning(self):
+        import numpy as np
+
+        from LiverTumorSegLib import mrml_nodes
+        from LiverTumorSegLib.image_io import Image
+        from LiverTumorSegLib.resection_report import PLAN_FILES
+
+        self.delayDisplay("Resection planning with a plane on the phantom's true liver")
+        logic = LiverTumorSegLogic()
+        volume, phantom = self._phantom()
+        labels = Image(np.asarray(phantom.label, dtype=np.uint8), phantom.image.geometry)
+        segmentation = mrml_nodes.segmentation_node_from_labels(slicer.mrmlScene, labels, volume, name="Truth")
+        liverIndex = np.argwhere(labels.array > 0).mean(axis=0)
+        centre = mrml_nodes.lps_to_ras(labels.geometry.index_to_physical(liverIndex))
+        plane = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsPlaneNode", "Cut")
+        plane.SetCenterWorld(*centre)
+        plane.SetNormalWorld(-1.0, 0.0, 0.0)  # RAS: resect the patient's left
+        plan = logic.planResection(segmentation, volume, planeNode=plane, liverState="chemotherapy")
+        self.assertTrue(0.0 < plan.result["flr_percent"] < 100.0)
+        self.assertEqual(plan.result["threshold_percent"], 30.0)
+        state = logic.lastResection
+        self.assertEqual(state.tableNode.GetTable().GetNumberOfRows(), 2 + plan.result["tumour_count"])
+        names = [state.segmentationNode.GetSegmentation().GetSegment(sid).GetName()
+                 for sid in state.segmentationNode.GetSegmentation().GetSegmentIDs()]
+        self.assertEqual(names, ["Liver remnant", "Liver resected", "Liver tumor"])
+
+        plane.SetCenterWorld(centre[0] + 10.0, centre[1], centre[2])  # moved: the same nodes are refilled
+        moved = logic.planResection(segmentation, volume, planeNode=plane, reuseLabels=True)
+        self.assertIs(logic.lastResection.tableNode, state.tableNode)
+        self.assertIs(logic.lastResection.segmentationNode, state.segmentationNode)
+        self.assertNotEqual(moved.result["flr_percent"], plan.result["flr_percent"])
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLTableNode"), 1)
+
+        folder = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-plan-")) / "plan"
+        try:
+            written = logic.saveResectionReport(folder)
+            self.assertEqual({p.name for p in written.iterdir()}, PLAN_FILES)
+        finally:
+            shutil.rmtree(folder.parent, ignore_errors=True)
         self.delayDisplay("Test passed")
