@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--name", default="LiverTumorSeg")
     export.add_argument("--version", default="0.1.0")
     export.add_argument("--description", default="")
+    export.add_argument("--data-source", action="append", default=[], metavar="TEXT",
+                        help="one training data source with its origin and licence, recorded in the manifest (repeatable)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=_export)
 
@@ -170,7 +172,7 @@ def _export(args) -> int:
     from .export import export_bundle
 
     bundle = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version,
-                           description=args.description, overwrite=args.overwrite)
+                           description=args.description, overwrite=args.overwrite, data_sources=args.data_source)
     print(f"bundle written: {bundle.path} ({', '.join(bundle.manifest['files'])})")
     return 0
 
