@@ -24,11 +24,11 @@ COMPARE=()
 
 "$BIN/livertumorseg-train" evaluate --bundle "shipped=$BUNDLE" "${COMPARE[@]}" \
   --data "$SHARED/data/real-train" "$SHARED/data/label-bank/ircad" --cases mahler06 mahler07 ircad01 \
-  --out docs/results-real --no-ablation --no-robustness --workers 1 --overwrite --no-progress
+  --out docs/results-real --no-ablation --no-robustness --workers 2 --overwrite --no-progress
 
 if [ ! -f "$RUNS/phantoms-fresh/segmentation-5.nii.gz" ]; then
   "$BIN/livertumorseg" phantom --out "$RUNS/phantoms-fresh" --count 6 --size full --seed 9000 --overwrite
 fi
 "$BIN/livertumorseg-train" evaluate --bundle "shipped=$BUNDLE" "${COMPARE[@]}" \
-  --data "$RUNS/phantoms-fresh" --out docs/results-phantoms --no-ablation --no-robustness --workers 1 \
+  --data "$RUNS/phantoms-fresh" --out docs/results-phantoms --no-ablation --no-robustness --workers 2 \
   --overwrite --no-progress
