@@ -654,13 +654,27 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
+def fill_table(node, columns, rows) -> None:
+    """Add one typed column per ``(name, "string" | "double", unit, description)`` to a table node, with the
+    values of ``rows`` (one sequence per row, in column order)."""
+    import vtk
+
+    for index, (column_name, kind, unit, description) in enumerate(columns):
+        array = vtk.vtkStringArray() if kind == "string" else vtk.vtkDoubleArray()
+        array.SetName(column_name)
+        for row in rows:
+            array.InsertNextValue(row[index])
+        node.AddColumn(array)
+        if unit:
+            node.SetColumnUnitLabel(column_name, unit)
+        node.SetColumnDescription(column_name, description)
+
+
 def volumetry_table_node(scene, volumetry: dict, name: str = "Liver volumetry"):
     """Add a ``vtkMRMLTableNode`` with the volumetry (layout in the module docstring).
 
     Rows: "Liver (whole organ)", "All tumours (<n> lesions)", then "Lesion 1".."Lesion n".
     """
-    import vtk
-
     lesions = list(volumetry.get("lesions") or [])
     liver_ml = _number(volumetry.get("liver_volume_ml"))
     tumour_ml = _number(volumetry.get("tumour_volume_ml"))
@@ -696,15 +710,7 @@ def volumetry_table_node(scene, volumetry: dict, name: str = "Liver volumetry"):
     _ensure_logics(scene)
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     was_modifying = node.StartModify()
-    for index, (column_name, kind, unit, description) in enumerate(_TABLE_COLUMNS):
-        array = vtk.vtkStringArray() if kind == "string" else vtk.vtkDoubleArray()
-        array.SetName(column_name)
-        for row in rows:
-            array.InsertNextValue(row[index])
-        node.AddColumn(array)
-        if unit:
-            node.SetColumnUnitLabel(column_name, unit)
-        node.SetColumnDescription(column_name, description)
+    fill_table(node, _TABLE_COLUMNS, rows)
     node.SetAttribute("LiverTumorSeg.LiverVolumeMl", repr(liver_ml))
     node.SetAttribute("LiverTumorSeg.TumourVolumeMl", repr(tumour_ml))
     node.SetAttribute("LiverTumorSeg.TumourBurdenPercent", repr(burden))

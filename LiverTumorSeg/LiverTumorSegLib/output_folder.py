@@ -25,9 +25,12 @@ OUTPUT_FILES = frozenset({*LABELS_FILE.values(), SEGMENTATION_FILE, VOLUMETRY_JS
 PRODUCER = "LiverTumorSeg"
 
 
-def check_output_folder(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, overwrite: bool = False) -> Path:
+def check_output_folder(output: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, overwrite: bool = False,
+                        files: frozenset = OUTPUT_FILES, marker: str = RUN_JSON) -> Path:
     """Refuse an output folder that could destroy data; return it unchanged when it is safe to write.
 
+    ``files`` are the names an output folder of this kind holds and ``marker`` the JSON file among them whose
+    ``producer`` identifies it (the defaults: a segmentation's; a resection plan passes its own).
     Raises :class:`OutputError` (exit code 3) naming the problem and what to do.
     """
     output = Path(output)
@@ -51,27 +54,27 @@ def check_output_folder(output: str | os.PathLike, inputs: Iterable[str | os.Pat
     if not overwrite:
         raise OutputError(f"'{output}' already exists. Choose another output folder, or pass --overwrite to replace "
                           "a previous output of this tool.")
-    problem = _not_our_output(output)
+    problem = _not_our_output(output, files, marker)
     if problem:
         raise OutputError(f"'{output}' is not a previous output of livertumorseg ({problem}), so --overwrite will "
                           "not replace it. Choose a new output folder, or remove it yourself.")
     return output
 
 
-def _not_our_output(folder: Path) -> str | None:
+def _not_our_output(folder: Path, files: frozenset, marker: str) -> str | None:
     """Why ``folder`` is not a folder this tool wrote, or None if it is one."""
     if folder.is_symlink() or not folder.is_dir():
         return "it is not a folder"
-    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in OUTPUT_FILES or not entry.is_file())
+    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in files or not entry.is_file())
     if foreign:
         shown = ", ".join(foreign[:5]) + (" …" if len(foreign) > 5 else "")
         return f"it holds other files: {shown}"
     try:
-        run = json.loads((folder / RUN_JSON).read_text(encoding="utf-8"))
+        document = json.loads((folder / marker).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return f"it has no readable {RUN_JSON}"
-    if not isinstance(run, dict) or run.get("producer") != PRODUCER:
-        return f"its {RUN_JSON} was not written by livertumorseg"
+        return f"it has no readable {marker}"
+    if not isinstance(document, dict) or document.get("producer") != PRODUCER:
+        return f"its {marker} was not written by livertumorseg"
     return None
 
 

@@ -169,6 +169,11 @@ def _overlay_png(ct: np.ndarray, labels: np.ndarray, *, row_mm: float, col_mm: f
             ax.contour(mask.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.2)
     ax.set_xlim(-0.5, cols - 0.5)
     ax.set_ylim(rows - 0.5, -0.5)
+    return marked_png(figure, ax, marks)
+
+
+def marked_png(figure, ax, marks) -> bytes:
+    """The figure as PNG bytes, with the patient-direction letters (top, bottom, left, right) at the edges."""
     top, bottom, left, right = marks
     style = dict(color="yellow", fontsize=11, fontweight="bold", transform=ax.transAxes)
     ax.text(0.5, 0.99, top, ha="center", va="top", **style)
@@ -203,6 +208,13 @@ figcaption { font-size: 0.9em; color: #3a424a; margin-top: 0.3em; }
 """
 
 
+def html_head(title: str, css: str) -> list[str]:
+    """The opening lines of a self-contained page, up to and including its ``<h1>`` title."""
+    esc = html.escape
+    return ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            f"<title>{esc(title)}</title>", f"<style>{css}</style>", "</head>", "<body>", f"<h1>{esc(title)}</h1>"]
+
+
 def _html_page(title, volumetry, figures, details, geometry, shape) -> str:
     esc = html.escape
     lesions = volumetry.get("lesions") or []
@@ -213,9 +225,7 @@ def _html_page(title, volumetry, figures, details, geometry, shape) -> str:
         ("Number of lesions", f"{volumetry['lesion_count']}"),
     ]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{esc(title)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
-        f"<h1>{esc(title)}</h1>",
+        *html_head(title, CSS),
         f'<p class="meta">Generated {esc(datetime.datetime.now().astimezone().isoformat(timespec="seconds"))}. '
         f"Image grid {shape[2]} × {shape[1]} × {shape[0]} voxels, spacing "
         f"{' × '.join(f'{s:.3g}' for s in geometry.spacing)} mm, orientation "

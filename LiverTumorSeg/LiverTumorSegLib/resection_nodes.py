@@ -296,23 +296,13 @@ def plan_table_node(scene, result: dict, name: str = "Resection plan", table_nod
     are doubles (NaN where a cell does not apply), words strings. The FLR, threshold, verdict, liver state
     and closest margin are also node attributes ``LiverTumorSeg.*``.
     """
-    import vtk
-
     rows = plan_table_rows(result)
     mrml_nodes._ensure_logics(scene)
     node = table_node if table_node is not None else scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     was_modifying = node.StartModify()
     node.SetLocked(False)
     node.RemoveAllColumns()  # with their properties
-    for index, (column_name, kind, unit, description) in enumerate(PLAN_TABLE_COLUMNS):
-        array = vtk.vtkStringArray() if kind == "string" else vtk.vtkDoubleArray()
-        array.SetName(column_name)
-        for row in rows:
-            array.InsertNextValue(row[index])
-        node.AddColumn(array)
-        if unit:
-            node.SetColumnUnitLabel(column_name, unit)
-        node.SetColumnDescription(column_name, description)
+    mrml_nodes.fill_table(node, PLAN_TABLE_COLUMNS, rows)
     closest = closest_margin(result)
     node.SetAttribute("LiverTumorSeg.FLRPercent", repr(float(result["flr_percent"])))
     node.SetAttribute("LiverTumorSeg.FLRThresholdPercent", repr(float(result["threshold_percent"])))

@@ -30,11 +30,10 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from . import __version__
-from .errors import OutputError
 from .image_io import Geometry, atomic_path
 from .output_folder import PRODUCER, check_output_folder
 from .report import (CSS, DPI, FIGURE_WIDTH_IN, LIVER_COLOUR, RESEARCH_NOTE, TUMOUR_COLOUR, canonical_axes,
-                     canonical_spacing, canonical_view)
+                     canonical_spacing, canonical_view, html_head, marked_png)
 from .resection import TUMOUR, ResectionPlan, number_tumours
 
 PLAN_JSON, PLAN_CSV, PLAN_HTML = "plan.json", "plan.csv", "plan.html"
@@ -53,23 +52,9 @@ PLAN_CSS = CSS + """
 
 
 def check_plan_folder(output: str | os.PathLike, inputs=(), *, overwrite: bool = False) -> Path:
-    """Refuse an output folder that could destroy data; return it when a plan may be written there.
-
-    A new folder gets every rule of :func:`.output_folder.check_output_folder`. An existing one is replaced
-    only with ``overwrite`` and only if it is a previous plan folder, which holds no input, is not an
-    input nor inside one, and does not hold the current folder.
-    """
-    output = Path(output)
-    if not output.exists() and not output.is_symlink():
-        return check_output_folder(output, inputs)
-    if not overwrite:
-        raise OutputError(f"'{output}' already exists. Choose another output folder, or pass --overwrite to replace "
-                          "a previous plan of livertumorseg.")
-    problem = _not_a_plan_folder(output) or _overlap(output, inputs)
-    if problem:
-        raise OutputError(f"'{output}' is not a previous plan of livertumorseg that is safe to replace ({problem}), "
-                          "so --overwrite will not replace it. Choose a new output folder.")
-    return output
+    """The output-folder rules of :func:`.output_folder.check_output_folder` for a plan folder: ``--overwrite``
+    replaces only a previous plan (the plan files and a ``plan.json`` written by this engine)."""
+    return check_output_folder(output, inputs, overwrite=overwrite, files=PLAN_FILES, marker=PLAN_JSON)
 
 
 def write_plan(out: str | os.PathLike, plan: ResectionPlan, labels: np.ndarray, geometry: Geometry, *,
@@ -126,34 +111,6 @@ def summary_lines(result: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------- internals
 
 
-def _not_a_plan_folder(folder: Path) -> str | None:
-    """Why ``folder`` is not a plan folder this tool wrote, or None if it is one."""
-    if folder.is_symlink() or not folder.is_dir():
-        return "it is not a folder"
-    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in PLAN_FILES or not entry.is_file())
-    if foreign:
-        return "it holds other files: " + ", ".join(foreign[:5]) + (" …" if len(foreign) > 5 else "")
-    try:
-        document = json.loads((folder / PLAN_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return f"it has no readable {PLAN_JSON}"
-    if not isinstance(document, dict) or document.get("producer") != PRODUCER:
-        return f"its {PLAN_JSON} was not written by livertumorseg"
-    return None
-
-
-def _overlap(output: Path, inputs) -> str | None:
-    """Why replacing ``output`` would touch an input or the current folder, or None."""
-    target, cwd = Path(os.path.realpath(output)), Path(os.path.realpath(Path.cwd()))
-    for source in inputs:
-        source = Path(os.path.realpath(source))
-        if target == source or source in target.parents or target in source.parents:
-            return f"it is, holds or lies inside the input '{source}'"
-    if target == cwd or target in cwd.parents:
-        return "it is the current folder or one above it"
-    return None
-
-
 def _figures(labels, resected_liver, geometry) -> list[tuple[bytes, str]]:
     """The axial slice and the frontal projection as (PNG, caption)."""
     axes = canonical_axes(geometry)
@@ -202,15 +159,7 @@ def _png(rgb: np.ndarray, row_mm: float, col_mm: float, marks) -> bytes:
     ax = figure.add_axes((0, 0, 1, 1))
     ax.set_axis_off()
     ax.imshow(np.clip(rgb, 0, 1), aspect=row_mm / col_mm, interpolation="nearest")
-    style = dict(color="yellow", fontsize=11, fontweight="bold", transform=ax.transAxes)
-    top, bottom, left, right = marks
-    ax.text(0.5, 0.99, top, ha="center", va="top", **style)
-    ax.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
-    ax.text(0.01, 0.5, left, ha="left", va="center", **style)
-    ax.text(0.99, 0.5, right, ha="right", va="center", **style)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, facecolor="black")
-    return buffer.getvalue()
+    return marked_png(figure, ax, marks)
 
 
 def _html_page(title: str, result: dict, inputs: dict, figures) -> str:
@@ -233,9 +182,7 @@ def _html_page(title: str, result: dict, inputs: dict, figures) -> str:
         ("Functional remnant", f"{result['functional_remnant_volume_ml']:.1f} mL"),
     ]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{esc(title)}</title>", f"<style>{PLAN_CSS}</style>", "</head>", "<body>",
-        f"<h1>{esc(title)}</h1>",
+        *html_head(title, PLAN_CSS),
         f'<p class="meta">Generated {esc(datetime.datetime.now().astimezone().isoformat(timespec="seconds"))} '
         f"by livertumorseg {esc(__version__)} from {esc(', '.join(f'{k}: {v}' for k, v in inputs.items()))}.</p>",
         f'<p class="note"><strong>{esc(RESEARCH_NOTE)}</strong></p>',
