@@ -14,7 +14,7 @@ import torch.nn as nn  # noqa: E402
 from LiverTumorSegLib.bundle import load_bundle, write_bundle  # noqa: E402
 from LiverTumorSegLib.image_io import Geometry, Image, write_image  # noqa: E402
 from LiverTumorSegLib.preprocess import InputContract, prepare_volume  # noqa: E402
-from LiverTumorSegLib.refinement import boundary_band, crop_edge, refine_boundaries  # noqa: E402
+from LiverTumorSegLib.refinement import boundary_band_voxels, crop_edge, refine_boundaries  # noqa: E402
 from livertumorseg_training.boundary_training import (  # noqa: E402
     apply_tuning,
     architecture_study,
@@ -144,7 +144,7 @@ def _volume(seed: int, shape=(20, 56, 60), bright: bool = True, radii=(4, 9)):
 def test_band_samples_balance_centre_and_determinism():
     intensities, labels = _volume(0)
     band = case_band("a", intensities, labels, SPACING, max_patch=15)
-    in_band, distance = boundary_band(labels == 2, SPACING, 6)
+    in_band, distance = boundary_band_voxels(labels == 2, SPACING, 6)
     assert band.band.sum() == in_band.sum()  # the crop holds the whole band
     assert np.all(np.abs(band.distance[band.band]) <= 6)
     samples = sample_boundary_patches([band], 9, 300, seed=4)
@@ -190,7 +190,7 @@ def test_trained_network_refines_an_eroded_tumour(tmp_path):
     intensities, truth_labels = _volume(11, radii=(10, 13))
     truth = truth_labels == 2
     liver = truth_labels > 0
-    band, distance = boundary_band(truth, SPACING, 6)
+    band, distance = boundary_band_voxels(truth, SPACING, 6)
     eroded = truth & (distance <= -3)  # 3 in-plane voxels of the boundary removed
     labels = np.where(liver, 1, 0).astype(np.uint8)
     labels[eroded] = 2

@@ -174,17 +174,18 @@ def test_reference_lesion_scores_strata_and_per_lesion_dice():
     reference[1:5, 1:5, 1:5] = True  # 64 voxels
     reference[8:28, 15:35, 15:35] = True  # 8000 voxels
     prediction = np.zeros_like(reference)
-    prediction[1:5, 1:5, 3:7] = True  # 64 voxels, 32 of them in lesion 1
+    prediction[1:5, 1:5, 3:7] = True  # 64 voxels, 32 of them in the small lesion
     prediction[25:30, 1:4, 1:4] = True  # a false positive elsewhere does not count against any lesion
     at_1mm = reference_lesion_scores(prediction, reference, (1.0, 1.0, 1.0))
-    assert [r["voxels"] for r in at_1mm] == [64, 8000]
-    assert [r["stratum"] for r in at_1mm] == ["small", "medium"]  # d = 4.96 mm and 24.8 mm
-    assert at_1mm[0]["diameter_mm"] == pytest.approx((6 * 64 / math.pi) ** (1 / 3))
-    assert at_1mm[0]["dice"] == pytest.approx(2 * 32 / (64 + 64)) and at_1mm[0]["detected"]
-    assert at_1mm[1]["dice"] == 0.0 and not at_1mm[1]["detected"]  # missed
+    # Lesion ids as volumetry numbers them: largest first.
+    assert [(r["lesion"], r["voxels"]) for r in at_1mm] == [(1, 8000), (2, 64)]
+    assert [r["stratum"] for r in at_1mm] == ["medium", "small"]  # d = 24.8 mm and 4.96 mm
+    assert at_1mm[1]["diameter_mm"] == pytest.approx((6 * 64 / math.pi) ** (1 / 3))
+    assert at_1mm[1]["dice"] == pytest.approx(2 * 32 / (64 + 64)) and at_1mm[1]["detected"]
+    assert at_1mm[0]["dice"] == 0.0 and not at_1mm[0]["detected"]  # missed
     at_3mm = reference_lesion_scores(prediction, reference, (3.0, 3.0, 3.0))  # 27× the volume, 3× the diameter
-    assert [r["stratum"] for r in at_3mm] == ["medium", "large"]  # 14.9 mm and 74.4 mm
-    assert at_3mm[1]["volume_mm3"] == pytest.approx(8000 * 27)
+    assert [r["stratum"] for r in at_3mm] == ["large", "medium"]  # 74.4 mm and 14.9 mm
+    assert at_3mm[0]["volume_mm3"] == pytest.approx(8000 * 27)
     assert reference_lesion_scores(prediction, np.zeros_like(reference), (1, 1, 1)) == []
 
 

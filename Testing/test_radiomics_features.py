@@ -10,7 +10,8 @@ import SimpleITK as sitk
 
 radiomics = pytest.importorskip("radiomics")
 
-from LiverTumorSegLib import radiomics_filter as rf  # noqa: E402
+from LiverTumorSegLib import radiomics_catalogue as catalogue  # noqa: E402
+from LiverTumorSegLib import radiomics_features as features  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACING = (1.0, 1.0, 2.5)  # the processing grid: 1 mm in-plane, the scan's slice spacing
@@ -32,23 +33,23 @@ def phantom(radius_mm=6.0, shape=(20, 48, 48), spacing=SPACING, seed=0, centre=N
 @pytest.fixture(scope="module")
 def lesion():
     hu, mask = phantom()
-    return hu, mask, rf.extract_features(hu, mask, SPACING)
+    return hu, mask, features.extract_features(hu, mask, SPACING)
 
 
 def test_catalogue_has_728_documented_names():
-    assert len(rf.FEATURE_NAMES) == 728 and len(set(rf.FEATURE_NAMES)) == 728
-    assert sum(len(names) for _, names in rf.BLOCK) == 72
-    assert len(rf.SHAPE_FEATURES) + len(rf.IMAGES) * 72 == 728
+    assert len(catalogue.FEATURE_NAMES) == 728 and len(set(catalogue.FEATURE_NAMES)) == 728
+    assert sum(len(names) for _, names in catalogue.BLOCK) == 72
+    assert len(catalogue.SHAPE_FEATURES) + len(catalogue.IMAGES) * 72 == 728
     groups = {}
-    for name in rf.FEATURE_NAMES:
+    for name in catalogue.FEATURE_NAMES:
         image, group, _ = name.split("_", 2)
-        assert image in rf.IMAGES
+        assert image in catalogue.IMAGES
         groups[group] = groups.get(group, 0) + 1
     assert groups == {"shape": 8, "firstorder": 180, "histogram": 160, "gradient": 20, "glrlm": 110, "glcm": 220, "moments": 30}
     # Every pyradiomics feature used exists in this pyradiomics and is not deprecated there.
     classes = radiomics.getFeatureClasses()
-    for group, names in (("shape", rf.SHAPE_FEATURES), ("firstorder", rf.FIRSTORDER_FEATURES),
-                         ("glrlm", rf.GLRLM_FEATURES), ("glcm", rf.GLCM_FEATURES)):
+    for group, names in (("shape", catalogue.SHAPE_FEATURES), ("firstorder", catalogue.FIRSTORDER_FEATURES),
+                         ("glrlm", catalogue.GLRLM_FEATURES), ("glcm", catalogue.GLCM_FEATURES)):
         available = classes[group].getFeatureNames()
         assert all(n in available and not available[n] for n in names), group
     # The committed table is the one the script writes.
@@ -58,7 +59,7 @@ def test_catalogue_has_728_documented_names():
 
 def test_full_catalogue_on_a_lesion_is_728_finite_values(lesion):
     _, _, values = lesion
-    assert list(values) == rf.FEATURE_NAMES
+    assert list(values) == catalogue.FEATURE_NAMES
     array = np.array(list(values.values()))
     assert np.isfinite(array).all()
     # The lesion is darker than its margin band, and its wavelet approximation follows the HU scale.
@@ -68,37 +69,37 @@ def test_full_catalogue_on_a_lesion_is_728_finite_values(lesion):
 
 def test_shape_matches_direct_computation():
     hu, mask = phantom(radius_mm=8.0, spacing=(1.0, 1.0, 1.0), shape=(24, 24, 24))
-    values = rf.extract_features(hu, mask, (1.0, 1.0, 1.0), only=[
+    values = features.extract_features(hu, mask, (1.0, 1.0, 1.0), only=[
         "original_shape_VoxelVolume", "original_shape_Maximum3DDiameter", "original_shape_Sphericity",
     ])
     assert values["original_shape_VoxelVolume"] == pytest.approx(mask.sum() * 1.0)
     assert abs(values["original_shape_Maximum3DDiameter"] - 16.0) <= 1.5
     assert 0.85 < values["original_shape_Sphericity"] <= 1.0
-    anisotropic = rf.extract_features(*phantom(), SPACING, only=["original_shape_VoxelVolume"])
+    anisotropic = features.extract_features(*phantom(), SPACING, only=["original_shape_VoxelVolume"])
     assert anisotropic["original_shape_VoxelVolume"] == pytest.approx(phantom()[1].sum() * 2.5)
 
 
 def test_only_computes_exactly_the_requested_features(lesion):
     hu, mask, full = lesion
     rng = np.random.default_rng(3)
-    names = list(rng.choice(rf.FEATURE_NAMES, 30, replace=False)) + ["original_shape_Elongation", "wavelet-HHH_glcm_Idmn"]
-    subset = rf.extract_features(hu, mask, SPACING, only=names)
+    names = list(rng.choice(catalogue.FEATURE_NAMES, 30, replace=False)) + ["original_shape_Elongation", "wavelet-HHH_glcm_Idmn"]
+    subset = features.extract_features(hu, mask, SPACING, only=names)
     assert list(subset) == list(dict.fromkeys(names))
     for name in subset:
         assert subset[name] == pytest.approx(full[name], rel=1e-12, abs=1e-12), name
     # Without wavelet names the wavelet transform is never run.
     calls = []
-    original = rf.wavelet_subbands
-    rf.wavelet_subbands = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = features.wavelet_subbands
+    features.wavelet_subbands = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        rf.extract_features(hu, mask, SPACING, only=["original_glcm_Contrast", "boundary_histogram_Mode"])
+        features.extract_features(hu, mask, SPACING, only=["original_glcm_Contrast", "boundary_histogram_Mode"])
         assert calls == []
-        rf.extract_features(hu, mask, SPACING, only=["wavelet-LLH_firstorder_Mean"])
+        features.extract_features(hu, mask, SPACING, only=["wavelet-LLH_firstorder_Mean"])
         assert calls == [1]
     finally:
-        rf.wavelet_subbands = original
+        features.wavelet_subbands = original
     with pytest.raises(ValueError, match="unknown radiomic feature"):
-        rf.extract_features(hu, mask, SPACING, only=["original_glcm_MCC"])
+        features.extract_features(hu, mask, SPACING, only=["original_glcm_MCC"])
 
 
 def test_extraction_uses_the_bounding_box_only():
@@ -107,8 +108,8 @@ def test_extraction_uses_the_bounding_box_only():
     big_mask = np.zeros(big_hu.shape, bool)
     big_hu[10:30, 50:98, 60:108], big_mask[10:30, 50:98, 60:108] = hu, mask
     names = ["original_firstorder_Mean", "boundary_glrlm_RunPercentage", "wavelet-LHL_moments_J2", "original_moments_J1"]
-    a = rf.extract_features(hu, mask, SPACING, only=names)
-    b = rf.extract_features(big_hu, big_mask, SPACING, only=names)
+    a = features.extract_features(hu, mask, SPACING, only=names)
+    b = features.extract_features(big_hu, big_mask, SPACING, only=names)
     assert a == pytest.approx(b, rel=1e-12)
 
 
@@ -117,65 +118,65 @@ def test_moment_invariants_are_translation_and_rotation_invariant():
     # An irregular region: the lesion plus an off-centre lobe, so that the moment matrix is not isotropic.
     mask = mask.copy()
     mask[9:12, 20:24, 30:36] = True
-    j = rf.moment_invariants(hu, mask, SPACING)
-    shifted = rf.moment_invariants(np.roll(hu, (2, -5, 7), axis=(0, 1, 2)), np.roll(mask, (2, -5, 7), axis=(0, 1, 2)), SPACING)
+    j = features.moment_invariants(hu, mask, SPACING)
+    shifted = features.moment_invariants(np.roll(hu, (2, -5, 7), axis=(0, 1, 2)), np.roll(mask, (2, -5, 7), axis=(0, 1, 2)), SPACING)
     for key in j:
         assert shifted[key] == pytest.approx(j[key], rel=1e-12)
     # A quarter turn in the axial plane (x and y spacing equal) and a flip are exact rotations of the grid.
-    turned = rf.moment_invariants(np.rot90(hu, 1, axes=(1, 2)), np.rot90(mask, 1, axes=(1, 2)), SPACING)
-    flipped = rf.moment_invariants(hu[::-1], mask[::-1], SPACING)
+    turned = features.moment_invariants(np.rot90(hu, 1, axes=(1, 2)), np.rot90(mask, 1, axes=(1, 2)), SPACING)
+    flipped = features.moment_invariants(hu[::-1], mask[::-1], SPACING)
     for key in j:
         assert turned[key] == pytest.approx(j[key], rel=1e-10)
         assert flipped[key] == pytest.approx(j[key], rel=1e-10)
     # Intensity-weighted, not binary: brightening part of the region changes them.
     brighter = hu.copy()
     brighter[9:12, 20:24, 30:36] += 200
-    assert rf.moment_invariants(brighter, mask, SPACING)["J1"] != pytest.approx(j["J1"], rel=1e-3)
+    assert features.moment_invariants(brighter, mask, SPACING)["J1"] != pytest.approx(j["J1"], rel=1e-3)
 
 
 def test_histogram_descriptors():
     values = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 10, 11, 40], float)
-    h = rf.histogram_features(values)
+    h = features.histogram_features(values)
     assert h["Percentile25"] == pytest.approx(np.percentile(values, 25))
     assert h["MedianAbsoluteDeviation"] == pytest.approx(np.median(np.abs(values - np.median(values))))
     # Bins of width 4 from 0: [0,4) holds 4 values, [4,8) 4, [8,12) 6, [40,44) 1.
     assert h["Mode"] == pytest.approx(10.0) and h["ModeProbability"] == pytest.approx(6 / 15)
     assert h["OccupiedBins"] == 4
     assert h["OutlierFraction"] == pytest.approx(1 / 15)
-    wide = rf.histogram_features(np.array([0.0, 2000.0]))  # beyond 200 bins × 4: the last bin holds it
+    wide = features.histogram_features(np.array([0.0, 2000.0]))  # beyond 200 bins × 4: the last bin holds it
     assert wide["OccupiedBins"] == 2 and wide["Mode"] == pytest.approx(2.0)
 
 
 def test_gradient_is_a_gaussian_derivative_with_sigma_of_1_5_voxels():
     z, y, x = np.mgrid[:24, :32, :32].astype(float)
     image = 100 * np.tanh((x - 16) / 3) + 20 * np.sin(y / 5) + 0.5 * z
-    ours = rf.gradient_magnitude(image, (1.0, 1.0, 1.0))
+    ours = features.gradient_magnitude(image, (1.0, 1.0, 1.0))
     itk = sitk.GradientMagnitudeRecursiveGaussian(sitk.GetImageFromArray(image), 1.5)
     reference = sitk.GetArrayFromImage(itk)
     inner = (slice(6, -6),) * 3
     assert np.abs(ours[inner] - reference[inner]).max() < 0.03 * reference[inner].max()
     # Anisotropic voxels: σ and the derivative follow each axis' spacing (a ramp of 2 HU/mm along z).
     ramp = np.broadcast_to((np.arange(20) * 2.5 * 2.0)[:, None, None], (20, 16, 16))
-    assert rf.gradient_magnitude(ramp, (1.0, 1.0, 2.5))[5:15, 4:12, 4:12] == pytest.approx(2.0, rel=1e-3)
+    assert features.gradient_magnitude(ramp, (1.0, 1.0, 2.5))[5:15, 4:12, 4:12] == pytest.approx(2.0, rel=1e-3)
 
 
 def test_vectorised_glcm_equals_pyradiomics():
     hu, mask = phantom()
-    image, region = rf._sitk_pair(hu.astype(float), mask, SPACING)
-    settings = {"binCount": rf.TEXTURE_BIN_COUNT, "distances": [1], "symmetricalGLCM": True, "label": 1}
+    image, region = features._sitk_pair(hu.astype(float), mask, SPACING)
+    settings = {"binCount": catalogue.TEXTURE_BIN_COUNT, "distances": [1], "symmetricalGLCM": True, "label": 1}
     results = []
-    for cls in (radiomics.glcm.RadiomicsGLCM, rf.glcm_class()):
+    for cls in (radiomics.glcm.RadiomicsGLCM, features.glcm_class()):
         calculator = cls(image, region, **settings)
-        for name in rf.GLCM_FEATURES:
+        for name in catalogue.GLCM_FEATURES:
             calculator.enableFeatureByName(name)
         results.append(calculator.execute())
-    for name in rf.GLCM_FEATURES:
+    for name in catalogue.GLCM_FEATURES:
         assert float(results[1][name]) == pytest.approx(float(results[0][name]), rel=1e-10, abs=1e-12), name
 
 
 def test_boundary_band_is_two_mm_either_side():
     _, mask = phantom(radius_mm=6.0)
-    band = rf.boundary_band(mask, SPACING)
+    band = features.boundary_band_mm(mask, SPACING)
     from scipy import ndimage
 
     sampling = SPACING[::-1]
@@ -188,4 +189,4 @@ def test_boundary_band_is_two_mm_either_side():
 
 def test_empty_region_is_refused():
     with pytest.raises(ValueError, match="empty"):
-        rf.extract_features(np.zeros((8, 8, 8), np.int16), np.zeros((8, 8, 8), bool), SPACING)
+        features.extract_features(np.zeros((8, 8, 8), np.int16), np.zeros((8, 8, 8), bool), SPACING)

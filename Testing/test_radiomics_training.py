@@ -15,6 +15,7 @@ pytest.importorskip("skl2onnx")
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+from LiverTumorSegLib import radiomics_catalogue as catalogue  # noqa: E402
 from LiverTumorSegLib import radiomics_filter as rf  # noqa: E402
 from LiverTumorSegLib.bundle import load_bundle, write_bundle  # noqa: E402
 from LiverTumorSegLib.errors import BundleError, Cancelled  # noqa: E402
@@ -61,7 +62,7 @@ def tiny_classifier(folder, names=TWO_FEATURES, seed=0):
     model = lc.make_random_forest(seed).fit(((X - mu) / sd).astype(np.float32), y)
     onnx_path = lc.export_onnx(model, 2, folder / lc.ONNX_FILE, check_X=(X - mu) / sd)
     meta = {"feature_names": list(names), "mean": mu.tolist(), "std": sd.tolist(), "tau_rf": 0.5,
-            "settings": rf.feature_settings()}
+            "settings": catalogue.feature_settings()}
     json_path = folder / lc.JSON_FILE
     json_path.write_text(json.dumps(meta))
     return onnx_path, json_path
@@ -335,7 +336,7 @@ def test_candidate_whose_features_fail_is_kept_and_reported(tmp_path, scene):
 def test_classifier_from_another_pyradiomics_major_version_is_refused(tmp_path):
     onnx_path, json_path = tiny_classifier(tmp_path)
     meta = json.loads(json_path.read_text(encoding="utf-8"))
-    meta["pyradiomics_version"] = f"v{int(rf.pyradiomics_version().lstrip('v').split('.')[0]) + 1}.0.0"
+    meta["pyradiomics_version"] = f"v{int(catalogue.pyradiomics_version().lstrip('v').split('.')[0]) + 1}.0.0"
     json_path.write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="trained with pyradiomics"):
         rf.LesionClassifier.from_files(onnx_path, json_path)
@@ -375,16 +376,16 @@ def test_train_lesion_classifier_end_to_end(tmp_path):
     assert samples["tumour"] >= 4 and samples["parenchyma"] + samples["boundary"] >= 3
     assert samples["false-positive"] >= 1  # the dark, unannotated blob
     assert 1 <= len(summary["selected_features"]) <= fs.MAX_FEATURES
-    assert set(summary["selected_features"]) <= set(rf.FEATURE_NAMES)
+    assert set(summary["selected_features"]) <= set(catalogue.FEATURE_NAMES)
     assert (tmp_path / "run" / "table1.md").is_file() and (tmp_path / "run" / "radiomics_samples.npz").is_file()
     bundle = load_bundle(bundle_dir)
     classifier = rf.LesionClassifier.from_bundle(bundle)
     assert classifier.feature_names == summary["selected_features"] and 0 <= classifier.tau <= 1
     meta = json.loads((bundle.path / lc.JSON_FILE).read_text(encoding="utf-8"))
-    assert meta["settings"] == rf.feature_settings() and meta["samples"]["total"] == samples["total"]
+    assert meta["settings"] == catalogue.feature_settings() and meta["samples"]["total"] == samples["total"]
     # Refitting from the saved samples reads the same table and gives the same classifier.
     table = rs.SampleTable.load(tmp_path / "run")
     assert table.counts() == {k: v for k, v in samples.items() if k in table.counts()}
-    assert table.names == list(rf.FEATURE_NAMES) and len(table.radii) == len(table.y) == samples["total"]
+    assert table.names == list(catalogue.FEATURE_NAMES) and len(table.radii) == len(table.y) == samples["total"]
     again = lc.train_lesion_classifier(data, bundle_dir, seed=0, out_dir=tmp_path / "refit", samples_from=tmp_path / "run")
     assert again["selected_features"] == summary["selected_features"] and again["tau_rf"] == summary["tau_rf"]

@@ -15,7 +15,7 @@ from LiverTumorSegLib.errors import BundleError, Cancelled, InputError
 from LiverTumorSegLib.preprocess import InputContract
 from LiverTumorSegLib.refinement import (
     band_margin_zyx,
-    boundary_band,
+    boundary_band_voxels,
     crop_edge,
     drop_new_fragments,
     refine_boundaries,
@@ -84,7 +84,7 @@ def test_signed_distance_and_band_match_brute_force(rng):
         other = zyx_out if mask[tuple(v)] else zyx_in
         expected = np.sqrt((((other - v) * scale) ** 2).sum(axis=1)).min()
         assert d[tuple(v)] == pytest.approx(-expected if mask[tuple(v)] else expected, abs=1e-5)
-    band, d2 = boundary_band(mask, SPACING, 6)
+    band, d2 = boundary_band_voxels(mask, SPACING, 6)
     assert np.array_equal(band, np.abs(d) <= 6) and np.array_equal(d, d2)
     # 6 in-plane voxels reach 2 slices (5 mm) but not 3 (7.5 mm) away in z
     assert band[1, 9, 9] and not band[0, 9, 9]
@@ -118,7 +118,7 @@ def test_refinement_grows_the_eroded_tumour_to_the_bright_one_inside_the_liver(t
     calls = []
     refined, info = refine_boundaries(intensities, labels, SPACING, bundle, threads=1,
                                       progress=lambda stage, f: calls.append((stage, f)))
-    band, _ = boundary_band(labels == 2, SPACING, 6)
+    band, _ = boundary_band_voxels(labels == 2, SPACING, 6)
     expected = labels.copy()
     expected[band & liver] = np.where(truth[band & liver], 2, 1)
     assert np.array_equal(refined, expected)

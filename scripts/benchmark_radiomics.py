@@ -24,7 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LiverTumorSeg"))
 
-from LiverTumorSegLib.radiomics_filter import LesionClassifier, feature_settings, filter_lesions  # noqa: E402
+from LiverTumorSegLib.radiomics_catalogue import feature_settings  # noqa: E402
+from LiverTumorSegLib.radiomics_filter import LesionClassifier, filter_lesions  # noqa: E402
 
 SPACING = (1.0, 1.0, 2.5)
 DEFAULT_FEATURES = [

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import BundleError, Cancelled
+from .masks import bounding_box, grow_box, label_lesions
 
 KINDS = ("volume_resized", "slab_2_5d", "slice_2d")
 #: Components each kind needs in the bundle.
@@ -73,12 +74,9 @@ def resize(array: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a 3D mask (empty stays empty)."""
-    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
-    return components == 1 + int(np.argmax(sizes))
+    """The largest 26-connected component of a 3D mask, id 1 of :func:`.masks.label_lesions` (ties: the first in
+    array order; empty stays empty)."""
+    return label_lesions(mask)[0] == 1
 
 
 def pad_to_multiple(array: np.ndarray, multiples: tuple[int, ...], value: float) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -142,7 +140,7 @@ def _slab_2_5d(hu, contract, sessions, progress, cancel, batch: int = 4):
     if not coarse.any():
         return np.zeros(hu.shape, np.uint8), {"roi": None}
     below, above, in_plane = contract["roi_margin"]
-    z, y, xx = ndimage.find_objects(coarse.astype(np.uint8))[0]
+    z, y, xx = bounding_box(coarse)
     z0, z1 = max(z.start - int(below), 0), min(z.stop + int(above), hu.shape[0])
     y0, y1 = max(y.start - int(in_plane), 0), min(y.stop + int(in_plane), hu.shape[1])
     x0, x1 = max(xx.start - int(in_plane), 0), min(xx.stop + int(in_plane), hu.shape[2])
@@ -182,12 +180,8 @@ def _slab_2_5d(hu, contract, sessions, progress, cancel, batch: int = 4):
 # -------------------------------------------------------------------------------- E²Net (seed 003)
 def liver_box_2d(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
     """In-plane bounding box of a 2D mask plus ``margin`` pixels, clipped to the slice."""
-    found = ndimage.find_objects(mask.astype(np.uint8))
-    if not found:
-        return None
-    ys, xs = found[0]
-    return (slice(max(ys.start - margin, 0), min(ys.stop + margin, mask.shape[0])),
-            slice(max(xs.start - margin, 0), min(xs.stop + margin, mask.shape[1])))
+    found = bounding_box(mask)
+    return None if found is None else grow_box(found, margin, mask.shape)
 
 
 def _slice_2d(hu, contract, sessions, progress, cancel, batch: int = 4):

@@ -28,7 +28,8 @@ Definitions (P = predicted voxels, T = reference voxels of one structure):
     is undefined, and an inf would make every mean and standard deviation over cases infinite. Such a
     case is a detection failure and is counted there (Dice 0, sensitivity or PPV 0, lesion recall or
     precision); the tables report distance means over the cases where both masks exist, with that count.
-* **Lesions** are the 26-connected components of the tumour mask (as :mod:`.volumetry` counts them).
+* **Lesions** are the 26-connected components of the tumour mask, with the ids :mod:`.volumetry` gives
+  them (:func:`.masks.label_lesions`: largest first).
   A predicted lesion and a reference lesion **match** when they share at least one voxel (many-to-many).
   Precision = matched predicted / predicted, recall = matched reference / reference,
   F1 = 2PR / (P + R). No lesions on either side → all 1.0; reference lesions but no prediction →
@@ -53,8 +54,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-#: 26-connectivity for lesions (as in volumetry).
-CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+from .masks import bounding_box, label_lesions
+
 #: Face connectivity: a voxel is on the surface when one of these neighbours is outside the mask.
 CONNECTIVITY_6 = ndimage.generate_binary_structure(3, 1)
 #: Size strata (name, label) by equivalent-sphere diameter d: small d < 10 mm, medium 10 mm ≤ d ≤ 30 mm,
@@ -170,7 +171,7 @@ def surface_distances(prediction: np.ndarray, reference: np.ndarray, spacing_xyz
     sampling = _spacing_zyx(spacing_xyz)
     if not prediction.any() or not reference.any():
         return np.zeros(0), np.zeros(0)
-    box = ndimage.find_objects((prediction | reference).astype(np.uint8))[0]
+    box = bounding_box(prediction | reference)
     # Pad with background so that a mask touching the volume's edge has its surface there.
     pred = np.pad(prediction[box], 1)
     ref = np.pad(reference[box], 1)
@@ -206,12 +207,6 @@ def hd95(prediction: np.ndarray, reference: np.ndarray, spacing_xyz: Sequence[fl
 
 
 # ---------------------------------------------------------------------------------------- lesions
-
-
-def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected components of a tumour mask: (int32 component map, count)."""
-    components, count = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_26)
-    return components, int(count)
 
 
 def detection_scores(matched_predicted: int, predicted: int, matched_reference: int, reference: int) -> dict[str, float]:
@@ -264,7 +259,7 @@ def size_stratum(diameter_mm: float) -> str:
 
 
 def reference_lesion_scores(pred_tumour: np.ndarray, ref_tumour: np.ndarray, spacing_xyz: Sequence[float]) -> list[dict]:
-    """One record per reference lesion (26-connected), in label order (first voxel in array order first):
+    """One record per reference lesion, in the order of its id (:func:`.masks.label_lesions`, largest first):
     ``lesion`` (1..n), ``voxels``, ``volume_mm3``, ``diameter_mm``, ``stratum``, ``detected`` and ``dice``
     (reference lesion vs the union of the predicted components overlapping it)."""
     pred_tumour, ref_tumour = np.asarray(pred_tumour, bool), np.asarray(ref_tumour, bool)

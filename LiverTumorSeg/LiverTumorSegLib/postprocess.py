@@ -68,6 +68,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 
 from .errors import Cancelled
+from .masks import bounding_box
 
 STAGE = "postprocess"
 #: Threshold on the 0..255 scale used when Otsu is off or has nothing to separate (u8 > 128, p ≈ 0.5).
@@ -259,7 +260,7 @@ def three_slice_consistency(
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Largest 6-connected 3D component of ``mask`` (computed inside its bounding box to save memory)."""
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     out = np.zeros_like(mask, dtype=bool)
     if box is None:
         return out
@@ -303,12 +304,6 @@ def _check_probability(prob: np.ndarray, name: str) -> np.ndarray:
     return prob
 
 
-def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
-    """Bounding box of a boolean mask as slices, None when empty."""
-    objects = ndimage.find_objects(np.ascontiguousarray(mask, dtype=bool).view(np.uint8))
-    return objects[0] if objects else None
-
-
 def _within_box(mask: np.ndarray, operation: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Apply a binary operation inside the mask's bounding box only.
 
@@ -316,7 +311,7 @@ def _within_box(mask: np.ndarray, operation: Callable[[np.ndarray], np.ndarray])
     both operations assume beyond the array's border, so cropping changes no voxel and saves the passes
     over the empty rest of the volume.
     """
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     out = np.zeros(mask.shape, dtype=bool)
     if box is not None:
         out[box] = operation(mask[box])

@@ -19,11 +19,11 @@ voxel; training extracts its patches the same way), and evaluated tile by tile (
 bounding box of the band voxels in it that could change, and tiles without any are skipped, so the interior
 of a large tumour and the corners of a box cost (almost) nothing.
 
-Boxes. Each 26-connected tumour component gets the box of its voxels grown by the band width (in voxels
-of each axis) plus one. Boxes that overlap are merged into their common bounding box until none overlap,
-so no voxel is evaluated twice, and any voxel within the band of a tumour lies in that tumour's merged box,
-which holds every tumour voxel that can influence its distance: the band computed per box equals the
-band of the whole mask.
+Boxes. Each lesion (26-connected tumour component, :func:`.masks.label_lesions`) gets the box of its voxels
+grown by the band width (in voxels of each axis) plus one. Boxes that overlap are merged into their common
+bounding box until none overlap, so no voxel is evaluated twice, and any voxel within the band of a tumour
+lies in that tumour's merged box, which holds every tumour voxel that can influence its distance: the band
+computed per box equals the band of the whole mask.
 
 Relabelling. Only band voxels inside the liver (label 1 or 2) can change: probability ≥ threshold (0.5,
 from the manifest) → tumour (2), otherwise liver (1). Voxels outside the liver never become tumour, and a
@@ -43,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import BundleError, Cancelled, InputError
+from .masks import bounding_box, grow_box, label_lesions
 
 STAGE = "boundary refinement"
 COMPONENT = "boundary_cnn"
@@ -91,8 +92,9 @@ def signed_distance(mask: np.ndarray, spacing_xyz) -> np.ndarray:
     return out
 
 
-def boundary_band(mask: np.ndarray, spacing_xyz, band: float = BAND_VOXELS) -> tuple[np.ndarray, np.ndarray]:
-    """(band mask ``|d| ≤ band``, signed distance ``d``) of a binary mask."""
+def boundary_band_voxels(mask: np.ndarray, spacing_xyz, band: float = BAND_VOXELS) -> tuple[np.ndarray, np.ndarray]:
+    """(band mask ``|d| ≤ band``, signed distance ``d``) of a binary mask; ``band`` and ``d`` in in-plane
+    voxel units (:func:`signed_distance`)."""
     d = signed_distance(mask, spacing_xyz)
     return np.abs(d) <= band, d
 
@@ -110,15 +112,14 @@ def crop_edge(volume: np.ndarray, start, stop) -> np.ndarray:
 
 
 def tumour_boxes(tumour: np.ndarray, spacing_xyz, band: float = BAND_VOXELS) -> tuple[list[tuple], int]:
-    """Merged, non-overlapping boxes (start, stop) around the 26-connected tumour components and their
-    bands, clipped to the array; and the number of components."""
-    components, count = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
+    """Merged, non-overlapping boxes (start, stop) around the lesions and their bands, clipped to the array;
+    and the number of lesions."""
+    lesions, count = label_lesions(tumour)
     margin = band_margin_zyx(spacing_xyz, band)
     boxes = []
-    for found in ndimage.find_objects(components):
-        if found is not None:
-            boxes.append((tuple(max(s.start - m, 0) for s, m in zip(found, margin)),
-                          tuple(min(s.stop + m, n) for s, m, n in zip(found, margin, tumour.shape))))
+    for found in ndimage.find_objects(lesions):
+        grown = grow_box(found, margin, tumour.shape)
+        boxes.append((tuple(s.start for s in grown), tuple(s.stop for s in grown)))
     changed = True
     while changed:  # passes of greedy merging until no two boxes overlap
         changed = False
@@ -201,7 +202,7 @@ def band_probabilities(
     work = []  # (box start, box slices, candidate voxels, signed distance, tiles holding candidates)
     for start, stop in boxes:
         region = tuple(slice(a, b) for a, b in zip(start, stop))
-        in_band, distance = boundary_band(tumour[region], spacing_xyz, band)
+        in_band, distance = boundary_band_voxels(tumour[region], spacing_xyz, band)
         candidates = in_band & (labels[region] > 0)
         info["band_voxels"] += int(in_band.sum())
         info["candidate_voxels"] += int(candidates.sum())
@@ -213,10 +214,10 @@ def band_probabilities(
                 for x in range(0, shape[2], steps[2]):
                     t0 = (z, y, x)
                     t1 = tuple(min(a + s, n) for a, s, n in zip(t0, steps, shape))
-                    found = np.nonzero(candidates[t0[0]:t1[0], t0[1]:t1[1], t0[2]:t1[2]])
-                    if len(found[0]):  # evaluate the candidates' bounding box within the tile only
-                        tiles.append((tuple(a + int(f.min()) for a, f in zip(t0, found)),
-                                      tuple(a + int(f.max()) + 1 for a, f in zip(t0, found))))
+                    found = bounding_box(candidates[t0[0]:t1[0], t0[1]:t1[1], t0[2]:t1[2]])
+                    if found is not None:  # evaluate the candidates' bounding box within the tile only
+                        tiles.append((tuple(a + f.start for a, f in zip(t0, found)),
+                                      tuple(a + f.stop for a, f in zip(t0, found))))
         work.append((start, region, candidates, distance, tiles))
         check_cancel()
     total = sum(len(w[4]) for w in work)
@@ -310,15 +311,15 @@ def drop_new_fragments(labels: np.ndarray, tumour_before: np.ndarray) -> int:
 
     Refinement moves lesion boundaries; which lesions exist is decided by the cascade and the radiomics
     filter. Band voxels that a patch classifier calls tumour away from any lesion would otherwise become
-    new, unfiltered lesions (26-connectivity, as for the candidates).
+    new, unfiltered lesions (:func:`.masks.label_lesions`, as for the candidates).
     """
     tumour = labels == 2
-    components, count = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
+    lesions, count = label_lesions(tumour)
     if count == 0:
         return 0
     keep = np.zeros(count + 1, bool)
-    keep[np.unique(components[tumour & tumour_before])] = True
+    keep[np.unique(lesions[tumour & tumour_before])] = True
     keep[0] = True
-    new = ~keep[components]
+    new = ~keep[lesions]
     labels[new] = 1
     return int(new.sum())

@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from .image_io import Geometry, atomic_path
+from .masks import bounding_box
 
 WINDOW_HU, LEVEL_HU = 400.0, 50.0
 LIVER_COLOUR = "#00c800"
@@ -135,10 +136,9 @@ def _display_centre(labels: np.ndarray, volumetry: dict, axes) -> tuple[list[flo
     lesions = volumetry.get("lesions") or []
     if lesions:
         return _to_canonical_index(lesions[0]["centroid_voxel_zyx"], axes, labels.shape), "lesion 1 (the largest)"
-    box = ndimage.find_objects((labels > 0).view(np.uint8))
-    if box:
-        sub = box[0]
-        com = np.array(ndimage.center_of_mass(labels[sub] > 0)) + [s.start for s in sub]
+    box = bounding_box(labels > 0)
+    if box is not None:
+        com = np.array(ndimage.center_of_mass(labels[box] > 0)) + [s.start for s in box]
         return _to_canonical_index(com, axes, labels.shape), "the liver's centre"
     return _to_canonical_index([(n - 1) / 2 for n in labels.shape], axes, labels.shape), "the volume's centre"
 

@@ -14,8 +14,8 @@ Conventions (what the planner reads):
 * **FLR %** = functional remnant volume / total functional volume × 100. The verdict is ``pass`` when
   the FLR reaches the threshold of the liver-state preset (:data:`FLR_THRESHOLDS_PERCENT`).
 * **Tumours** are the 26-connected components of label 2, numbered as :mod:`.volumetry` numbers lesions
-  (by decreasing volume, ties in array order, ids 1..n). Each is resected ``fully``, ``partly`` or
-  ``not`` (voxel centres on the resected side: all, some, none).
+  (:func:`.masks.label_lesions`: by decreasing volume, ties in array order, ids 1..n). Each is resected
+  ``fully``, ``partly`` or ``not`` (voxel centres on the resected side: all, some, none).
 * **Margin**: the smallest distance (mm) from any tumour voxel centre to the resection surface; 0 when
   the tumour has voxels on both sides (flag ``crosses``). For a plane it is the absolute signed
   distance. For a mask the surface is the interface between resected and remnant *liver* voxels (the
@@ -35,7 +35,8 @@ from scipy import ndimage
 
 from .errors import InputError
 from .image_io import Geometry, Image
-from .volumetry import CONNECTIVITY_26, LIVER, TUMOUR
+from .masks import bounding_box, label_lesions
+from .volumetry import LIVER, TUMOUR
 
 #: Minimum FLR (percent of the functional liver volume) per liver state.
 FLR_THRESHOLDS_PERCENT = {"normal": 20.0, "chemotherapy": 30.0, "cirrhosis": 40.0}
@@ -192,22 +193,15 @@ def signed_distance(index_zyx, geometry: Geometry, plane: Plane) -> np.ndarray:
 
 
 def number_tumours(labels: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
-    """Tumour voxel indices (z, y, x arrays) and their tumour ids, numbered as :func:`.volumetry.measure` does.
-
-    26-connected components of label 2, labelled inside the tumour's bounding box, ids 1..n by decreasing
-    volume, ties in array order of their first voxel.
-    """
-    tumour = np.ascontiguousarray(labels == TUMOUR)
-    objects = ndimage.find_objects(tumour.view(np.uint8))
-    if not objects:
+    """Tumour voxel indices (z, y, x arrays) and their tumour ids, numbered as :func:`.volumetry.measure` does
+    (:func:`.masks.label_lesions`, inside the tumour's bounding box)."""
+    tumour = labels == TUMOUR
+    box = bounding_box(tumour)
+    if box is None:
         return (np.empty(0, int),) * 3, np.empty(0, int)
-    box = objects[0]
-    components, count = ndimage.label(tumour[box], structure=CONNECTIVITY_26)
-    local = np.nonzero(components)
-    ids = components[local]
-    rank = np.empty(count, dtype=int)
-    rank[np.argsort(-np.bincount(ids)[1:], kind="stable")] = np.arange(1, count + 1)
-    return tuple(axis + s.start for axis, s in zip(local, box)), rank[ids - 1]
+    lesions, _ = label_lesions(tumour[box])
+    local = np.nonzero(lesions)
+    return tuple(axis + s.start for axis, s in zip(local, box)), lesions[local].astype(int)
 
 
 def margin_flag(margin_mm: float, crosses: bool) -> Optional[str]:
@@ -281,7 +275,7 @@ def _mask_surface_distance(resected_liver, liver, geometry, index, on_resected) 
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise InputError("The label map's grid is sheared (its direction matrix is not orthonormal), so distances "
                          "to a mask cannot be measured on it. Resample it to an orthogonal grid, or give a plane.")
-    box = ndimage.find_objects(np.ascontiguousarray(liver).view(np.uint8))[0]
+    box = bounding_box(liver)
     liver, resected = liver[box], resected_liver[box]
     spacing = np.asarray(geometry.spacing[::-1], dtype=float)[:, None]  # (z, y, x)
     local = np.stack([axis - s.start for axis, s in zip(index, box)])

@@ -177,7 +177,7 @@ def labels_from_segmentation(segmentation_node, reference_volume_node=None, *, g
                              shape: Optional[Sequence[int]] = None) -> np.ndarray:
     """The liver and tumour segments as a 0/1/2 (z, y, x) uint8 label map on the reference grid.
 
-    Segments are recognised by terminology, then name, as :func:`.mrml_nodes.read_segmentation_labels`
+    Segments are recognised by terminology, then name, as :func:`.seg_nrrd.read_segmentation_labels`
     does ("Liver" = 1; "Liver tumor", "Liver tumor <k>" or a Neoplasm terminology = 2, painted over the
     liver); all others (e.g. "Resected", "Liver remnant") are ignored. The grid is the reference volume's,
     or ``geometry`` and ``shape``.

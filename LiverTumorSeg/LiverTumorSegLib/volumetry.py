@@ -7,7 +7,7 @@ Conventions (what a surgical planner reads):
 * **Tumour burden** = tumour volume / liver volume × 100 (0 when there is no liver).
 * **Lesions** are the 26-connected components of label 2 (a lesion touching itself only diagonally,
   e.g. across thick slices, stays one lesion), sorted by decreasing volume (ties: first voxel in
-  array order first), ids 1..n.
+  array order first), ids 1..n: :func:`.masks.label_lesions`, the numbering every stage uses.
 * Volumes count voxels × voxel volume (mL = cm³). The equivalent diameter is that of the sphere with
   the lesion's volume.
 * **Longest axial diameter**: the largest in-plane Feret (caliper) diameter over the lesion's axial
@@ -46,9 +46,9 @@ from skimage.measure import regionprops
 
 from .errors import OutputError
 from .image_io import Geometry, atomic_path
+from .masks import bounding_box, label_lesions
 
 LIVER, TUMOUR = 1, 2
-CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 #: Columns of the CSV table, in order.
 CSV_COLUMNS = (
@@ -89,12 +89,12 @@ def measure(
         "lesion_count": 0,
         "lesions": [],
     }
-    box = _bounding_box(tumour)
+    box = bounding_box(tumour)
     if box is None:
         return result
 
     offset = np.array([s.start for s in box], dtype=float)
-    lesion_labels, count = ndimage.label(tumour[box], structure=CONNECTIVITY_26)
+    lesion_labels, count = label_lesions(tumour[box])
     del tumour
     # Per-lesion sums over the lesion voxels only (np.bincount by lesion id): sizes, two-pass mean and
     # variance, and mean index. ndimage.mean & co. would also average the (empty) background label of
@@ -112,14 +112,12 @@ def measure(
     objects = ndimage.find_objects(lesion_labels)
 
     axial_axis, in_plane_axes, in_plane_spacing = axial_plane(geometry)
-    order = sorted(range(count), key=lambda i: -int(sizes[i]))  # stable: ties keep array order
     lesions = []
-    for new_id, i in enumerate(order, start=1):
-        sub = objects[i]
+    for i, sub in enumerate(objects):  # ids are already by decreasing volume
         mask = lesion_labels[sub] == i + 1
         volume_ml = int(sizes[i]) * voxel_ml
         lesions.append({
-            "id": new_id,
+            "id": i + 1,
             "volume_ml": volume_ml,
             "equivalent_diameter_mm": (6.0 * volume_ml * 1000.0 / math.pi) ** (1.0 / 3.0),
             "longest_axial_diameter_mm": longest_axial_diameter(
@@ -235,19 +233,9 @@ def _extent(any_along: np.ndarray) -> np.ndarray:
     return np.where(any_along.any(axis=1), last - first + 1, 0).astype(float)
 
 
-def _bounding_box(mask: np.ndarray) -> Optional[tuple[slice, ...]]:
-    """Bounding box of a boolean mask as slices, None when empty."""
-    objects = ndimage.find_objects(np.ascontiguousarray(mask, dtype=bool).view(np.uint8))
-    return objects[0] if objects else None
-
-
 def _lesion_probability(probability_map, box, sub, mask) -> Optional[float]:
     if probability_map is None:
         return None
     values = probability_map[box][sub][mask]
     best = float(values.max()) if values.size else 0.0
     return best if best > 0 else None
-
-
-def _optional_float(value) -> Optional[float]:
-    return None if value is None else float(value)

@@ -40,6 +40,7 @@ import torch
 
 from LiverTumorSegLib.baseline_networks import normalise, resize
 from LiverTumorSegLib.image_io import Image, to_canonical
+from LiverTumorSegLib.masks import bounding_box
 
 from .baseline_losses import AdvancedComboLoss, E2NetStage1Loss, E2NetStage2Loss, HDenseUNetLoss, e2net_targets
 from .datasets import find_cases, kfold_split, load_case
@@ -99,8 +100,6 @@ class Volume:
 
 
 def load_volumes(case_ids: list[str], cases: dict, seed: int = 0) -> list[Volume]:
-    from scipy import ndimage
-
     rng = np.random.default_rng(seed)
     volumes = []
     for case_id in case_ids:
@@ -108,13 +107,12 @@ def load_volumes(case_ids: list[str], cases: dict, seed: int = 0) -> list[Volume
         canonical = to_canonical(image)[0]
         labels = to_canonical(Image(labels, image.geometry))[0].array.astype(np.uint8)
         hu = np.clip(np.rint(canonical.array), -1024, 3071).astype(np.int16)
-        found = ndimage.find_objects((labels >= 1).astype(np.uint8))
         centres = {}
         for name, mask in (("liver", labels >= 1), ("tumour", labels == 2)):
             voxels = np.argwhere(mask)
             if len(voxels):
                 centres[name] = voxels[rng.choice(len(voxels), min(len(voxels), CENTRE_POOL), replace=False)]
-        volumes.append(Volume(case_id, hu, labels, found[0] if found else None, centres))
+        volumes.append(Volume(case_id, hu, labels, bounding_box(labels >= 1), centres))
     return volumes
 
 

@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from LiverTumorSegLib.radiomics_filter import (COMPONENT, FEATURE_NAMES, LesionClassifier, feature_settings,
-                                               pyradiomics_version)
+from LiverTumorSegLib.radiomics_catalogue import FEATURE_NAMES, feature_settings, pyradiomics_version
+from LiverTumorSegLib.radiomics_filter import COMPONENT, LesionClassifier
 
 from .feature_selection import impute_nonfinite, select_features
 

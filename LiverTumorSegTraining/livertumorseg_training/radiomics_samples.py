@@ -10,7 +10,7 @@ same connectivity the engine uses for candidate lesions. Negatives follow the pa
 
 Everything is computed on the engine's processing grid (``LiverTumorSegLib.preprocess.prepare_volume``:
 1 mm in-plane, the scan's slice spacing, body crop), where the filter runs at inference, and features come
-from the engine's ``LiverTumorSegLib.radiomics_filter.extract_features``.
+from the engine's ``LiverTumorSegLib.radiomics_features.extract_features``.
 
 Choices the paper leaves open:
 
@@ -51,7 +51,9 @@ from scipy import ndimage
 
 from LiverTumorSegLib.image_io import to_canonical
 from LiverTumorSegLib.preprocess import InputContract, PreparedVolume, prepare_volume
-from LiverTumorSegLib.radiomics_filter import CONNECTIVITY, FEATURE_NAMES, crop_box, extract_features
+from LiverTumorSegLib.masks import grow_box, label_lesions
+from LiverTumorSegLib.radiomics_catalogue import FEATURE_NAMES, MARGIN_VOXELS
+from LiverTumorSegLib.radiomics_features import extract_features
 
 log = logging.getLogger("livertumorseg_training")
 
@@ -88,11 +90,11 @@ class Region:
 
 
 def component_regions(mask: np.ndarray, case_id: str, kind: str, *, min_voxels: int = MIN_VOXELS) -> list[Region]:
-    """26-connected components of ``mask`` as regions (``ndimage.label`` order)."""
-    components, count = ndimage.label(mask, structure=CONNECTIVITY)
+    """26-connected components of ``mask`` as regions, in the order of their lesion ids (:func:`masks.label_lesions`)."""
+    components, count = label_lesions(mask)
     regions = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
-        crop = crop_box(box, mask.shape)
+        crop = grow_box(box, MARGIN_VOXELS, mask.shape)
         region = components[crop] == index
         if region.sum() >= min_voxels:
             regions.append(Region(case_id, kind, crop, region))
@@ -106,7 +108,7 @@ def tumour_regions(labels: np.ndarray, case_id: str = "") -> list[Region]:
 
 def false_positive_regions(predicted: np.ndarray, reference: np.ndarray, case_id: str = "") -> list[Region]:
     """Real false positives: predicted tumour components that do not overlap the reference tumour."""
-    components, _ = ndimage.label(predicted == 2, structure=CONNECTIVITY)
+    components, _ = label_lesions(predicted == 2)
     hit = np.unique(components[(reference == 2) & (components > 0)])
     false_positive = (components > 0) & ~np.isin(components, hit)
     return component_regions(false_positive, case_id, "false-positive")
@@ -136,7 +138,7 @@ def ball_fractions(labels: np.ndarray, seed: Sequence[int], offsets: np.ndarray)
 
 def _region_from_coords(case_id: str, kind: str, coords: np.ndarray, shape, radius: int, seed) -> Region:
     lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
-    crop = crop_box(tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), shape)
+    crop = grow_box(tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), MARGIN_VOXELS, shape)
     mask = np.zeros(tuple(s.stop - s.start for s in crop), bool)
     mask[tuple((coords - np.array([s.start for s in crop])).T)] = True
     return Region(case_id, kind, crop, mask, radius, tuple(int(v) for v in seed))

@@ -8,7 +8,7 @@ parts:
 ``(s_{Z-2}, s_{Z-1}, s_{Z-1})``). Encoder = DenseNet-161 (pre-activation BN-ReLU-Conv dense layers,
 bottleneck ``1x1 -> 4k``, ``3x3 -> k``, growth ``k = 48``, blocks 6/12/36/24, stem 96, compression 0.5); the
 module names match torchvision's ``densenet161().features`` so ImageNet weights load directly
-(:meth:`DenseUNet2D.load_imagenet_encoder`). Decoder (Table I), *sum, then conv*::
+(:meth:`DenseUNet2D.load_imagenet_encoder`; the blocks are in :mod:`.densenet`). Decoder (Table I), *sum, then conv*::
 
     up1  14^2   bilinear x2(BN-ReLU(db4): 2208) + line0(db3: 2112 -> 2208, 1x1 conv)  -> 3x3 conv 768 -BN-ReLU
     up2  28^2   bilinear x2(768) + db2 (768)                                          -> 3x3 conv 384 -BN-ReLU
@@ -93,20 +93,17 @@ Model summary (``branch_inputs``): every part is fed one slab of ``12 x size x s
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .densenet import DenseEncoder, batch_norm, conv_bn_relu, init_weights, resize
 from .presets import preset_config
 
 __all__ = [
     "PRESETS",
-    "DenseLayer",
-    "DenseBlock",
-    "Transition",
-    "DenseEncoder",
     "DenseUNet2D",
     "DenseUNet3D",
     "HybridFeatureFusion",
@@ -114,8 +111,6 @@ __all__ = [
     "slab_to_stacks",
     "stacks_to_slab",
 ]
-
-_BN_EPS = 1.1e-5
 
 #: ``dense2d`` / ``dense3d``: stem width, growth rate, dense-block sizes, bottleneck factor, compression;
 #: ``up4_channels`` is the width of the 2D decoder's 112^2 stage (its other widths follow from the skips);
@@ -144,122 +139,6 @@ PRESETS: Dict[str, dict] = {
 }
 
 
-def _conv(nd: int):
-    return nn.Conv2d if nd == 2 else nn.Conv3d
-
-
-def _bn(nd: int, ch: int) -> nn.Module:
-    return (nn.BatchNorm2d if nd == 2 else nn.BatchNorm3d)(ch, eps=_BN_EPS)
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    mode = "bilinear" if x.dim() == 4 else "trilinear"
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)  # symbolic when traced for ONNX
-
-
-class DenseLayer(nn.Module):
-    """BN-ReLU-Conv1(bn_size*k)-BN-ReLU-Conv3(k) (torchvision's ``_DenseLayer`` parameter names)."""
-
-    def __init__(self, nd: int, in_ch: int, growth: int, bn_size: int):
-        super().__init__()
-        conv = _conv(nd)
-        mid = bn_size * growth
-        self.norm1 = _bn(nd, in_ch)
-        self.conv1 = conv(in_ch, mid, 1, bias=False)
-        self.norm2 = _bn(nd, mid)
-        self.conv2 = conv(mid, growth, 3, padding=1, bias=False)
-
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(features, 1) if len(features) > 1 else features[0]
-        x = self.conv1(F.relu(self.norm1(x)))
-        return self.conv2(F.relu(self.norm2(x)))
-
-
-class DenseBlock(nn.ModuleDict):
-    """Dense block: ``denselayer1..n`` (torchvision's ``_DenseBlock`` names); returns the concatenation."""
-
-    def __init__(self, nd: int, num_layers: int, in_ch: int, growth: int, bn_size: int):
-        super().__init__()
-        for i in range(num_layers):
-            self[f"denselayer{i + 1}"] = DenseLayer(nd, in_ch + i * growth, growth, bn_size)
-        self.out_channels = in_ch + num_layers * growth
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        features = [x]
-        for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
-
-
-class Transition(nn.Module):
-    """BN-ReLU-Conv1 (compression) - average pooling (2x2 in 2D; 2x2x1 = no pooling along z in 3D)."""
-
-    def __init__(self, nd: int, in_ch: int, out_ch: int):
-        super().__init__()
-        self.norm = _bn(nd, in_ch)
-        self.conv = _conv(nd)(in_ch, out_ch, 1, bias=False)
-        self.pool = nn.AvgPool2d(2) if nd == 2 else nn.AvgPool3d((1, 2, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.conv(F.relu(self.norm(x))))
-
-
-class DenseEncoder(nn.Module):
-    """DenseNet encoder (2D or 3D) with torchvision ``features`` names.
-
-    ``forward(x)`` returns ``(skips, final)``: ``skips = [stem, db1, db2, db3]`` (the stem's BN-ReLU output and the
-    raw outputs of dense blocks 1-3) and ``final = ReLU(norm5(db4))``.
-    """
-
-    def __init__(self, nd: int, in_ch: int, stem: int, growth: int, blocks: Sequence[int], bn_size: int,
-                 compression: float):
-        super().__init__()
-        conv = _conv(nd)
-        self.nd = nd
-        self.conv0 = conv(in_ch, stem, 7, stride=2, padding=3, bias=False)
-        self.norm0 = _bn(nd, stem)
-        self.pool0 = (nn.MaxPool2d if nd == 2 else nn.MaxPool3d)(3, stride=2, padding=1)
-        ch = stem
-        self.skip_channels: List[int] = [stem]
-        self.num_blocks = len(blocks)
-        for i, n in enumerate(blocks):
-            block = DenseBlock(nd, int(n), ch, growth, bn_size)
-            self.add_module(f"denseblock{i + 1}", block)
-            ch = block.out_channels
-            if i < len(blocks) - 1:
-                self.skip_channels.append(ch)
-                out = int(ch * compression)
-                self.add_module(f"transition{i + 1}", Transition(nd, ch, out))
-                ch = out
-        self.norm5 = _bn(nd, ch)
-        self.out_channels = ch
-
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        x = F.relu(self.norm0(self.conv0(x)))
-        skips = [x]
-        x = self.pool0(x)
-        for i in range(self.num_blocks):
-            x = getattr(self, f"denseblock{i + 1}")(x)
-            if i < self.num_blocks - 1:
-                skips.append(x)
-                x = getattr(self, f"transition{i + 1}")(x)
-        return skips, F.relu(self.norm5(x))
-
-
-def _conv_bn_relu(nd: int, in_ch: int, out_ch: int) -> nn.Sequential:
-    return nn.Sequential(_conv(nd)(in_ch, out_ch, 3, padding=1), _bn(nd, out_ch), nn.ReLU(inplace=True))
-
-
-def _init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
 
 #: torchvision's published DenseNet files name dense-layer parameters "norm.1.weight" instead of "norm1.weight"
 _TV_OLD_KEY = re.compile(
@@ -284,19 +163,19 @@ class DenseUNet2D(nn.Module):
         widths = (db2, db1, stem_ch, int(cfg["up4_channels"]), int(feature_channels))
         self.decoder_channels = widths
         self.line0 = nn.Conv2d(db3, top, 1)
-        self.conv_up0 = _conv_bn_relu(2, top, widths[0])
-        self.conv_up1 = _conv_bn_relu(2, widths[0], widths[1])
-        self.conv_up2 = _conv_bn_relu(2, widths[1], widths[2])
-        self.conv_up3 = _conv_bn_relu(2, widths[2], widths[3])
+        self.conv_up0 = conv_bn_relu(2, top, widths[0])
+        self.conv_up1 = conv_bn_relu(2, widths[0], widths[1])
+        self.conv_up2 = conv_bn_relu(2, widths[1], widths[2])
+        self.conv_up3 = conv_bn_relu(2, widths[2], widths[3])
         self.conv_up4 = nn.Sequential(
             nn.Conv2d(widths[3], widths[4], 3, padding=1),
             nn.Dropout(dropout),
-            _bn(2, widths[4]),
+            batch_norm(2, widths[4]),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Conv2d(widths[4], num_classes, 1)
         self.unet_connections = True
-        _init(self)
+        init_weights(self)
 
     def set_unet_connections(self, enabled: bool) -> None:
         """Switches the decoder's skip sums on or off (off for the paper's warm-up iterations)."""
@@ -306,15 +185,15 @@ class DenseUNet2D(nn.Module):
         skips, d = self.features(x)
         stem, db1, db2, db3 = skips
         use = self.unet_connections
-        d = _resize(d, db3.shape[-2:])
+        d = resize(d, db3.shape[-2:])
         d = self.conv_up0(d + self.line0(db3) if use else d)
-        d = _resize(d, db2.shape[-2:])
+        d = resize(d, db2.shape[-2:])
         d = self.conv_up1(d + db2 if use else d)
-        d = _resize(d, db1.shape[-2:])
+        d = resize(d, db1.shape[-2:])
         d = self.conv_up2(d + db1 if use else d)
-        d = _resize(d, stem.shape[-2:])
+        d = resize(d, stem.shape[-2:])
         d = self.conv_up3(d + stem if use else d)
-        feat = self.conv_up4(_resize(d, x.shape[-2:]))
+        feat = self.conv_up4(resize(d, x.shape[-2:]))
         return feat, self.classifier(feat)
 
     def load_imagenet_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -353,22 +232,22 @@ class DenseUNet3D(nn.Module):
         widths = (top, db2, db1, stem_ch, int(feature_channels))
         self.decoder_channels = widths
         self.line0 = nn.Conv3d(db3, widths[0], 1)
-        self.conv_up0 = _conv_bn_relu(3, top, widths[0])
-        self.conv_up1 = _conv_bn_relu(3, widths[0], widths[1])
-        self.conv_up2 = _conv_bn_relu(3, widths[1], widths[2])
-        self.conv_up3 = _conv_bn_relu(3, widths[2], widths[3])
-        self.conv_up4 = _conv_bn_relu(3, widths[3], widths[4])
+        self.conv_up0 = conv_bn_relu(3, top, widths[0])
+        self.conv_up1 = conv_bn_relu(3, widths[0], widths[1])
+        self.conv_up2 = conv_bn_relu(3, widths[1], widths[2])
+        self.conv_up3 = conv_bn_relu(3, widths[2], widths[3])
+        self.conv_up4 = conv_bn_relu(3, widths[3], widths[4])
         self.classifier = nn.Conv3d(widths[4], num_classes, 1)
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         skips, d = self.features(x)
         stem, db1, db2, db3 = skips
-        d = self.conv_up0(_resize(d, db3.shape[-3:])) + self.line0(db3)
-        d = self.conv_up1(_resize(d, db2.shape[-3:])) + db2
-        d = self.conv_up2(_resize(d, db1.shape[-3:])) + db1
-        d = self.conv_up3(_resize(d, stem.shape[-3:])) + stem
-        feat = self.conv_up4(_resize(d, x.shape[-3:]))
+        d = self.conv_up0(resize(d, db3.shape[-3:])) + self.line0(db3)
+        d = self.conv_up1(resize(d, db2.shape[-3:])) + db2
+        d = self.conv_up2(resize(d, db1.shape[-3:])) + db1
+        d = self.conv_up3(resize(d, stem.shape[-3:])) + stem
+        feat = self.conv_up4(resize(d, x.shape[-3:]))
         return feat, self.classifier(feat)
 
 
@@ -379,9 +258,9 @@ class HybridFeatureFusion(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, 3, padding=1)
         self.drop = nn.Dropout(dropout)
-        self.norm = _bn(3, channels)
+        self.norm = batch_norm(3, channels)
         self.classifier = nn.Conv3d(channels, num_classes, 1)
-        _init(self)
+        init_weights(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.classifier(F.relu(self.norm(self.drop(self.conv(z)))))
