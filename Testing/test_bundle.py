@@ -50,6 +50,16 @@ def test_written_bundle_loads_and_runs(bundle_dir):
         bundle.file("boundary_cnn")
 
 
+def test_sessions_use_the_engine_options(bundle_dir):
+    """Threads as asked, one inter-op thread, all graph optimisations, idle threads sleep instead of spinning."""
+    import onnxruntime
+
+    options = load_bundle(bundle_dir).session("liver", threads=2).get_session_options()
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_tampered_file_is_refused(bundle_dir):
     path = bundle_dir / "liver.onnx"
     path.write_bytes(path.read_bytes() + b"\0")

@@ -1,4 +1,5 @@
-"""MRML adapter against real MRML (slicer-core): segments, geometry, .seg.nrrd round trip, surfaces, tables."""
+"""MRML adapter against real MRML (slicer-core): segments, geometry, surfaces, tables, and .seg.nrrd files of
+slicerio loaded by slicer-core's storage node and the other way round (the files themselves: test_seg_nrrd)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 pytest.importorskip("slicer", reason="needs slicer-core (pip install 'trame-slicer[standalone]==2.0.0')")
 import slicer  # noqa: E402
@@ -17,29 +19,13 @@ import vtk  # noqa: E402
 from slicer import util  # noqa: E402
 
 from LiverTumorSegLib import mrml_nodes as mn  # noqa: E402
-from LiverTumorSegLib.errors import InputError, OutputError  # noqa: E402
+from LiverTumorSegLib import seg_nrrd as sn  # noqa: E402
+from LiverTumorSegLib.errors import InputError  # noqa: E402
 from LiverTumorSegLib.image_io import Geometry, Image  # noqa: E402
+from LiverTumorSegLib.masks import label_lesions  # noqa: E402
 
-#: Non-unit spacing, an origin off zero, and a direction that flips x and z (plus a permutation of y/z)
-#: so that any LPS/RAS or axis-order slip shows up.
-GEOMETRY = Geometry(
-    spacing=(0.8, 0.7, 2.5),
-    origin=(12.5, -40.0, 101.0),
-    direction=(-1.0, 0.0, 0.0,
-               0.0, 0.0, 1.0,
-               0.0, -1.0, 0.0),
-)
-SHAPE = (12, 20, 24)  # z, y, x
-
-
-def _labels(tumour: bool = True) -> np.ndarray:
-    labels = np.zeros(SHAPE, dtype=np.uint8)
-    labels[2:10, 3:17, 4:20] = 1
-    if tumour:
-        labels[3:6, 5:10, 6:12] = 2  # big lesion: 3*5*6 = 90 voxels
-        labels[7:9, 12:14, 15:17] = 2  # small lesion: 8 voxels
-        labels[9, 14, 17] = 2  # touches the small one only at a corner: same lesion (26-connected)
-    return labels
+from segmentation_case import GEOMETRY, SHAPE  # noqa: E402
+from segmentation_case import labels as _labels  # noqa: E402
 
 
 @pytest.fixture
@@ -102,6 +88,7 @@ def test_terminology_strings_are_seven_part_entries_with_the_codes():
 def test_liver_colour_comes_from_the_terminology(scene):
     assert mn.recommended_color(scene, mn.LIVER_TERMINOLOGY, (0, 0, 0)) == pytest.approx(
         (221 / 255, 130 / 255, 101 / 255))
+    assert mn.LIVER_COLOR == pytest.approx((221 / 255, 130 / 255, 101 / 255))  # what files get without MRML
     assert mn.recommended_color(scene, mn.TUMOUR_TERMINOLOGY, (0.1, 0.2, 0.3)) == (0.1, 0.2, 0.3)  # none given
 
 
@@ -198,21 +185,18 @@ def test_lesion_numbering_breaks_ties_in_array_order():
     labels[1, 1, 6:8] = 2  # two voxels, first in (z, y, x) scan order among the two-voxel lesions
     labels[1, 3, 1:3] = 2  # two voxels, later in scan order
     labels[0, 0, 0] = 2  # first voxel of the array, but the smallest lesion
-    lesions, count = mn.label_lesions(labels)
+    lesions, count = label_lesions(labels == 2)
     assert count == 3
     assert lesions[1, 1, 6] == 1 and lesions[1, 3, 1] == 2 and lesions[0, 0, 0] == 3
 
 
-def test_empty_tumour_still_gets_a_tumour_segment(scene, tmp_path):
+def test_empty_tumour_still_gets_a_tumour_segment(scene):
     labels = _labels(tumour=False)
     for per_lesion in (False, True):
         node = mn.segmentation_node_from_labels(scene, Image(labels, GEOMETRY), per_lesion=per_lesion)
         assert list(_segments(node)) == ["Liver", "Liver tumor"]
         assert not _segment_array(node, "Liver tumor").any()
-        path = mn.write_segmentation(Image(labels, GEOMETRY), tmp_path / f"empty{per_lesion}.seg.nrrd",
-                                     per_lesion=per_lesion)
-        back = mn.read_segmentation_labels(path, Image(labels, GEOMETRY))
-        np.testing.assert_array_equal(back, labels)
+        np.testing.assert_array_equal(_segment_array(node, "Liver"), labels == 1)
 
 
 def test_labels_outside_0_1_2_are_refused(scene):
@@ -224,93 +208,63 @@ def test_labels_outside_0_1_2_are_refused(scene):
         mn.segmentation_node_from_labels(scene, Image(_labels().astype(np.float32), GEOMETRY))
 
 
-# -------------------------------------------------------------------------------------------- files
+# ------------------------------------------------------------------------------ .seg.nrrd files in MRML
 
 
-@pytest.mark.parametrize("per_lesion", [False, True])
-def test_seg_nrrd_round_trip_is_exact(tmp_path, per_lesion):
-    labels = _labels()
-    path = mn.write_segmentation(Image(labels, GEOMETRY), tmp_path / "case.seg.nrrd", per_lesion=per_lesion)
-    assert path == tmp_path / "case.seg.nrrd" and path.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.seg.nrrd"]  # no temporary left
-    back = mn.read_segmentation_labels(path, Image(np.zeros(SHAPE, np.int16), GEOMETRY))
-    assert back.dtype == np.uint8 and back.shape == SHAPE
-    np.testing.assert_array_equal(back, labels)
-    # The file keeps names, terminology and tags (read through Slicer's storage node again).
+def _read_with_storage_node(path):
+    """A segmentation node read from ``path`` by slicer-core's own storage node."""
     scene = mn.create_scene()
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     scene.AddNode(storage)
     storage.SetFileName(str(path))
     assert storage.ReadData(node)
-    segments = _segments(node)
-    expected = ["Liver", "Liver tumor 1", "Liver tumor 2"] if per_lesion else ["Liver", "Liver tumor"]
-    assert list(segments) == expected
-    assert segments["Liver"].GetTerminology() == mn.LIVER_TERMINOLOGY
-    assert not segments["Liver"].GetNameAutoGenerated() and not segments["Liver"].GetColorAutoGenerated()
-    assert mn.segment_tag(segments[expected[1]], "DICOM.SegmentAlgorithmType") == "AUTOMATIC"
+    return node
 
 
-def test_seg_nrrd_header_is_in_the_ct_frame(tmp_path):
-    """The file's LPS header equals the SimpleITK geometry, so other tools align it with the CT."""
-    import SimpleITK as sitk
-
+@pytest.mark.parametrize("per_lesion", [False, True])
+def test_a_seg_nrrd_of_slicerio_loads_into_mrml_voxel_for_voxel(tmp_path, per_lesion):
     labels = _labels()
-    path = mn.write_segmentation(Image(labels, GEOMETRY), tmp_path / "case.seg.nrrd")
-    image = sitk.ReadImage(str(path))
-    assert image.GetSpacing() == pytest.approx(GEOMETRY.spacing)
-    assert image.GetOrigin() == pytest.approx(GEOMETRY.origin)
-    assert image.GetDirection() == pytest.approx(GEOMETRY.direction)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    path = sn.write_segmentation(Image(labels, GEOMETRY), tmp_path / "case.seg.nrrd", per_lesion=per_lesion,
+                                 algorithm_name="LiverTumorSeg 0.1")
+    node = _read_with_storage_node(path)
+    segments = _segments(node)
+    lesions, _ = label_lesions(labels == 2)
+    expected = ({"Liver": labels == 1, "Liver tumor 1": lesions == 1, "Liver tumor 2": lesions == 2} if per_lesion
+                else {"Liver": labels == 1, "Liver tumor": labels == 2})
+    assert list(segments) == list(expected)
+    for name, mask in expected.items():
+        np.testing.assert_array_equal(_segment_array(node, name), mask)
+        segment = segments[name]
+        assert segment.GetTerminology() == (mn.LIVER_TERMINOLOGY if name == "Liver" else mn.TUMOUR_TERMINOLOGY)
+        assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
+        assert mn.segment_tag(segment, "DICOM.SegmentAlgorithmType") == "AUTOMATIC"
+        assert mn.segment_tag(segment, "DICOM.SegmentAlgorithmName") == "LiverTumorSeg 0.1"
+        world = vtk.vtkMatrix4x4()
+        segment_id = node.GetSegmentation().GetSegmentIdBySegmentName(name)
+        node.GetBinaryLabelmapInternalRepresentation(segment_id).GetImageToWorldMatrix(world)
+        np.testing.assert_allclose(_matrix(world), mn.ijk_to_ras(GEOMETRY), atol=1e-9)
+    assert segments["Liver"].GetColor() == pytest.approx(mn.LIVER_COLOR)
+    reference = node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    values = [float(v) for v in reference.strip(";").split(";")]
+    np.testing.assert_allclose(np.reshape(values[:16], (4, 4)), mn.ijk_to_ras(GEOMETRY), atol=1e-9)
 
 
-def test_existing_output_is_refused_without_overwrite(tmp_path):
-    path = tmp_path / "case.seg.nrrd"
-    path.write_bytes(b"keep me")
-    with pytest.raises(OutputError, match="already exists"):
-        mn.write_segmentation(Image(_labels(), GEOMETRY), path)
-    assert path.read_bytes() == b"keep me"
-    mn.write_segmentation(Image(_labels(), GEOMETRY), path, overwrite=True)
-    np.testing.assert_array_equal(mn.read_segmentation_labels(path, Image(_labels(), GEOMETRY)), _labels())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.seg.nrrd"]
-
-
-def test_failed_writes_leave_nothing(tmp_path):
-    labels = Image(_labels(), GEOMETRY)
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("a file where a folder is expected")
-    with pytest.raises(OutputError, match="Cannot write"):
-        mn.write_segmentation(labels, blocker / "case.seg.nrrd")
-    folder = tmp_path / "folder.seg.nrrd"
-    folder.mkdir()
-    with pytest.raises(OutputError, match="is a folder"):
-        mn.write_segmentation(labels, folder, overwrite=True)
-    assert folder.is_dir()
-    with pytest.raises(OutputError, match=r"\.seg\.nrrd"):
-        mn.write_segmentation(labels, tmp_path / "case.nii.gz")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.seg.nrrd", "not_a_folder"]
-    if os.geteuid() != 0:  # root writes anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        with pytest.raises(OutputError):
-            mn.write_segmentation(labels, locked / "case.seg.nrrd")
-        assert list(locked.iterdir()) == []
-
-
-def test_read_errors_are_clear(tmp_path):
-    reference = Image(_labels(), GEOMETRY)
-    with pytest.raises(InputError, match="not found"):
-        mn.read_segmentation_labels(tmp_path / "missing.seg.nrrd", reference)
-    text = tmp_path / "notes.seg.nrrd"
-    text.write_text("hello")
-    with pytest.raises(InputError, match="not a readable segmentation"):
-        mn.read_segmentation_labels(text, reference)
-    plain = tmp_path / "plain.nrrd"  # a label volume, not a segmentation: no Liver/tumour segments
-    import SimpleITK as sitk
-
-    sitk.WriteImage(Image(np.zeros(SHAPE, np.uint8), GEOMETRY).to_sitk(), str(plain))
-    with pytest.raises(InputError):
-        mn.read_segmentation_labels(plain, reference)
+@pytest.mark.parametrize("crop", [False, True], ids=["whole-grid", "cropped-to-extent"])
+@pytest.mark.parametrize("per_lesion", [False, True])
+def test_a_seg_nrrd_of_slicer_core_is_read_exactly(scene, tmp_path, per_lesion, crop):
+    labels = _labels()
+    node = mn.segmentation_node_from_labels(scene, Image(labels, GEOMETRY), per_lesion=per_lesion)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetCropToMinimumExtent(crop)
+    storage.SetFileName(str(tmp_path / "slicer.seg.nrrd"))
+    assert storage.WriteData(node)
+    if crop:  # the file holds only the box of the segments, not the CT's grid
+        assert sitk.ReadImage(str(tmp_path / "slicer.seg.nrrd")).GetSize() != SHAPE[::-1]
+    back = sn.read_segmentation_labels(tmp_path / "slicer.seg.nrrd", Image(np.zeros(SHAPE, np.int16), GEOMETRY))
+    np.testing.assert_array_equal(back, labels)
 
 
 # ----------------------------------------------------------------------------------------- surfaces
@@ -396,18 +350,3 @@ def test_volumetry_table_without_lesions(scene):
                 "lesion_count": 0, "lesions": []}, name="Empty")
     assert node.GetTable().GetNumberOfRows() == 2
     assert node.GetCellText(1, 0) == "All tumours (no lesions)"
-
-
-def test_damaged_files_raise_instead_of_aborting(tmp_path):
-    """slicer-core's reader aborts the process on a broken NRRD; the adapter must refuse it first."""
-    reference = Image(_labels(), GEOMETRY)
-    good = mn.write_segmentation(reference, tmp_path / "good.seg.nrrd").read_bytes()
-    header_end = good.index(b"\n\n") + 2
-    truncated = tmp_path / "truncated.seg.nrrd"
-    truncated.write_bytes(good[: header_end + (len(good) - header_end) // 2])
-    with pytest.raises(InputError, match="truncated"):
-        mn.read_segmentation_labels(truncated, reference)
-    broken_header = tmp_path / "header.seg.nrrd"
-    broken_header.write_bytes(b"NRRD0004\nthis is not a segmentation\n")
-    with pytest.raises(InputError):
-        mn.read_segmentation_labels(broken_header, reference)

@@ -1,34 +1,23 @@
-"""The Slicer module without the Slicer application: its files, its contract with the engine, the shared checks.
+"""The Slicer module without the Slicer application: its files, its parameter node, the shared checks.
 
-* ``LiverTumorSeg.py``, its ``.ui``, icon and ``requirements.txt`` are well formed and agree with each other;
-  the CMake lists install exactly the files on disk.
-* The module's command-line glue (plain functions in ``LiverTumorSeg.py``, compiled here on their own)
-  produce arguments the engine's real parser accepts and read the engine's real progress output.
+* ``LiverTumorSeg.py``, its ``.ui``, icon and ``requirements.txt`` are well formed and agree with each other
+  (widgets, parameter node fields and their bindings, packages); the CMake lists install exactly the files on disk.
 * ``LiverTumorSegLib.selftest`` (the checks the module's self-test runs inside Slicer) passes on correct
   results and catches wrong ones, on real MRML from ``slicer-core``.
-* End to end when a phantom generator and the bundled model are present: the command line as the module
-  starts it, then the results through the engine's MRML adapter as the module loads them.
+
+What the module's Logic does on the scene is tested in ``test_scene_run.py``, its background process in
+``test_process.py``, the packages it installs in ``test_slicer_dependencies.py``.
 """
 
 import ast
-import contextlib
-import importlib.util
-import io
 import json
-import logging
-import os
 import py_compile
-import queue
 import re
-import signal
 import struct
 import subprocess
 import sys
-import threading
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,7 +31,13 @@ REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 CMAKE_FILE = MODULE_DIR / "CMakeLists.txt"
 
 #: What 3D Slicer ships in its Python (never to be pip-installed by the module; pydicom comes with its DICOM module).
-SLICER_PROVIDED = {"numpy", "scipy", "SimpleITK", "vtk", "slicer", "pydicom"}
+SLICER_PROVIDED = {"numpy", "scipy", "SimpleITK", "vtk", "slicer", "pydicom",
+                   "pip", "packaging"}  # pip installs the packages; slicer.pydeps (5.11) brings packaging
+
+#: Engine modules of the command-line feature ``livertumorseg batch`` (Dask), and the command-line module whose
+#: batch command is the only place that imports them (see test_engine_imports_only_what_slicer_has_or_the_module_installs).
+BATCH_COMMAND_MODULES = {"batch", "cohort_output"}
+BATCH_COMMAND_CLI = "cli_batch"
 
 #: Qt classes a Slicer .ui may use without declaring them as custom widgets.
 QT_CLASSES = {"QWidget", "QLabel", "QPushButton", "QCheckBox", "QComboBox", "QProgressBar", "QLineEdit",
@@ -57,7 +52,13 @@ PARAMETER_FIELDS = {
     "perLesionSegments": ("bool", False),
     "device": ("str", "cpu"),
     "bundlePath": ("str", ""),
+    "modelName": ("str", ""),
     "volumetryTable": ("vtkMRMLTableNode", None),
+    # resection planning, saved with the scene
+    "resectionMethod": ("str", "plane"),
+    "resectionPlane": ("vtkMRMLMarkupsPlaneNode", None),
+    "flipResectionPlane": ("bool", False),
+    "liverState": ("str", "normal"),
 }
 
 
@@ -122,33 +123,6 @@ def _module_constant(name, class_name=None):
     raise AssertionError(f"LiverTumorSeg.py defines no {name}")
 
 
-CLI_GLUE_NAMES = (
-    "STAGE_SPANS", "EXIT_HINTS", "stageKey", "parseProgressLine", "overallProgress", "progressText",
-    "engineCommandArguments", "engineWarnings", "engineErrorMessage", "EngineProcess",
-)
-
-
-def _cli_glue():
-    """The module's command-line glue, compiled from LiverTumorSeg.py without Slicer (stdlib only)."""
-    tree = _module_tree()
-    body = []
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in CLI_GLUE_NAMES:
-            body.append(node)
-        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in CLI_GLUE_NAMES for t in node.targets):
-            body.append(node)
-    namespace = {module.__name__: module for module in (json, logging, os, queue, signal, subprocess, threading, time)}
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(MODULE_PY), "exec"), namespace)
-    missing = [name for name in CLI_GLUE_NAMES if name not in namespace]
-    assert not missing, f"LiverTumorSeg.py lacks the glue {missing}"
-    return SimpleNamespace(**{name: namespace[name] for name in CLI_GLUE_NAMES})
-
-
-@pytest.fixture(scope="module")
-def glue():
-    return _cli_glue()
-
-
 def _requirement_names():
     names = []
     for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines():
@@ -210,6 +184,10 @@ def test_ui_has_the_module_widgets():
         "applyButton": "QPushButton",
         "progressBar": "QProgressBar",
         "statusLabel": "QLabel",
+        "modelComboBox": "QComboBox",
+        "modelInfoLabel": "QLabel",
+        "modelDownloadButton": "QPushButton",
+        "exportDicomSegButton": "QPushButton",
     }
     for name, cls in expected.items():
         assert name in widgets and widgets[name].get("class") == cls, f"{name} must be a {cls}"
@@ -222,6 +200,10 @@ def test_ui_has_the_module_widgets():
     advanced = widgets[sections["Advanced"]]
     inside = {w.get("name") for w in advanced.iter("widget")}
     assert {"useRadiomicsFilterCheckBox", "useBoundaryRefinementCheckBox", "deviceComboBox", "bundlePathLineEdit"} <= inside
+    # the model selector with its details and download in Inputs, the DICOM SEG export with the output segmentation
+    inputs = {w.get("name") for w in widgets[sections["Inputs"]].iter("widget")}
+    assert {"modelComboBox", "modelInfoLabel", "modelDownloadButton"} <= inputs
+    assert "exportDicomSegButton" in {w.get("name") for w in widgets[sections["Outputs"]].iter("widget")}
 
 
 def test_every_ui_name_the_module_uses_exists():
@@ -242,6 +224,11 @@ def test_parameter_node_has_the_specified_fields():
         assert type_name in annotation, f"{name}: annotated {annotation}, expected {type_name}"
         assert value == default, f"{name}: default {value!r}, expected {default!r}"
     assert "Choice" in fields["device"][0] and "'cuda'" in fields["device"][0]
+    assert "Choice(['plane', 'segment'])" in fields["resectionMethod"][0]
+    from LiverTumorSegLib.resection import FLR_THRESHOLDS_PERCENT
+
+    states = ast.literal_eval(re.search(r"Choice\((\[.*?\])\)", fields["liverState"][0]).group(1))
+    assert states == list(FLR_THRESHOLDS_PERCENT), "the liver states are the planner's threshold presets"
 
 
 def test_ui_parameter_names_are_parameter_node_fields():
@@ -281,6 +268,16 @@ def test_module_compiles_and_imports_no_torch(tmp_path):
     assert not re.search(r"^\s*(import torch|from torch)", MODULE_PY.read_text(encoding="utf-8"), re.M)
 
 
+def test_module_is_thin_glue():
+    """Process handling, package decisions and scene work live in the engine, where they are tested without Slicer."""
+    assert len(MODULE_PY.read_text(encoding="utf-8").splitlines()) <= 600
+    imported = {alias.name.split(".")[0] for node in ast.walk(_module_tree()) if isinstance(node, ast.Import) for alias in node.names}
+    assert not imported & {"subprocess", "threading", "queue", "signal", "shutil", "json", "importlib"}, imported
+    for module in ("process", "scene_run", "slicer_dependencies", "resection_planner", "module_logic", "model_selector",
+                   "dicom_export"):
+        assert f"LiverTumorSegLib/{module}.py" in _cmake_list("MODULE_PYTHON_SCRIPTS")
+
+
 def test_module_installs_nothing_at_import_time():
     """pip and package checks only run inside functions (on Apply), never when Slicer loads the module."""
     for node in _module_tree().body:
@@ -309,25 +306,104 @@ def test_requirements_are_the_engine_packages_slicer_lacks():
     assert {"onnxruntime", "scikit-image", "pyradiomics-bhklab"} <= set(names)
     for forbidden in ("torch", "torchvision", "vtk", "slicer-core", "trame-slicer", "simpleitk", "numpy"):
         assert forbidden not in names, f"{forbidden} must not be installed into Slicer's Python"
-    required = _module_constant("REQUIRED_PACKAGES", "LiverTumorSegLogic")
-    assert {pip.lower() for pip in required.values()} <= set(names), "the module checks packages it does not install"
+    from LiverTumorSegLib.slicer_dependencies import REQUIRED_PACKAGES
+
+    assert {pip.lower() for pip in REQUIRED_PACKAGES.values()} <= set(names), "the module checks packages it does not install"
+
+
+def _imports(tree):
+    """(top-level package, import node, enclosing function or None, enclosing ``try`` nodes) of each absolute import."""
+    found = []
+
+    def visit(node, function, tries):
+        if isinstance(node, ast.Import):
+            found.extend((alias.name.split(".")[0], node, function, tries) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module.split(".")[0], node, function, tries))
+        function = node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+        for child in ast.iter_child_nodes(node):
+            visit(child, function, tries + (node,) if isinstance(node, ast.Try) and child in node.body else tries)
+
+    visit(tree, None, ())
+    return found
+
+
+def _relative_imports(tree):
+    """(engine module name, enclosing function or None) of each ``from .x import`` / ``from . import x``."""
+    found = []
+
+    def visit(node, function):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module.split(".")[0]] if node.module else [alias.name for alias in node.names]
+            found.extend((name, function) for name in names)
+        function = node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree, None)
+    return found
+
+
+def _batch_extra_imports():
+    """Import names of the ``livertumorseg[batch]`` extra: each requirement and the extras it names
+    (``dask[distributed]`` installs the packages ``dask`` and ``distributed``)."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]["batch"]
+    names = set()
+    for requirement in extra:
+        match = re.match(r"^\s*([A-Za-z0-9._-]+)(?:\[([^\]]*)\])?", requirement)
+        names |= {match.group(1)} | {name.strip() for name in (match.group(2) or "").split(",") if name.strip()}
+    return {name.lower().replace("-", "_") for name in names}
+
+
+def _catches_import_error(try_node):
+    """The ``except`` clauses of ``try_node`` that catch ImportError (or its subclass ModuleNotFoundError)."""
+    return [handler for handler in try_node.handlers
+            if handler.type is not None and {"ImportError", "ModuleNotFoundError"} & {
+                n.id for n in ast.walk(handler.type) if isinstance(n, ast.Name)}]
 
 
 def test_engine_imports_only_what_slicer_has_or_the_module_installs():
-    required = _module_constant("REQUIRED_PACKAGES", "LiverTumorSegLogic")
-    allowed = set(sys.stdlib_module_names) | SLICER_PROVIDED | set(required) | {"LiverTumorSegLib"}
+    """Slicer's Python gets the engine's packages from Resources/requirements.txt (REQUIRED_PACKAGES); the one
+    exception is the command-line feature ``livertumorseg batch`` (the optional extra ``livertumorseg[batch]``),
+    which Slicer never runs and so must never make Slicer install Dask.
+
+    The rule for that exception: only the modules of BATCH_COMMAND_MODULES may import such packages, and only
+    inside a function (nothing is loaded when the module is imported), inside a ``try`` that catches ImportError,
+    with the package declared in the ``batch`` extra (the handler then says how to install it) or used only when
+    present (a handler that raises nothing: pyarrow's Parquet copies of the CSV tables). Those modules in turn
+    are imported only inside the batch command's function of the command line, never by the module or by any
+    other engine module, so neither Slicer nor ``livertumorseg segment`` loads them.
+    """
+    from LiverTumorSegLib.slicer_dependencies import REQUIRED_PACKAGES
+
+    allowed = set(sys.stdlib_module_names) | SLICER_PROVIDED | set(REQUIRED_PACKAGES) | {"LiverTumorSegLib"}
+    batch_extra = _batch_extra_imports()
+    assert {"dask", "distributed"} <= batch_extra
     problems = []
     for path in sorted((MODULE_DIR / "LiverTumorSegLib").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for name, node, function, tries in _imports(tree):
+            if name in allowed:
                 continue
-            problems += [f"{path.name}: {name}" for name in names if name.split(".")[0] not in allowed]
+            handlers = [h for t in tries for h in _catches_import_error(t)]
+            optional = handlers and not any(isinstance(n, ast.Raise) for h in handlers for n in ast.walk(h))
+            if path.stem in BATCH_COMMAND_MODULES and function is not None and handlers and (name in batch_extra or optional):
+                continue
+            problems.append(f"{path.name}:{node.lineno}: {name}")
+        for imported, function in _relative_imports(tree):
+            if imported in BATCH_COMMAND_MODULES and path.stem not in BATCH_COMMAND_MODULES and not (
+                    path.stem == BATCH_COMMAND_CLI and function is not None):
+                problems.append(f"{path.name} imports the batch command's module {imported}"
+                                + ("" if function is not None else " when it is imported"))
+    for node in ast.walk(_module_tree()):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "LiverTumorSegLib":
+            names = set(node.module.split(".")[1:]) | {alias.name for alias in node.names}
+            problems += [f"LiverTumorSeg.py imports {name}" for name in sorted(names & BATCH_COMMAND_MODULES)]
     assert not problems, (
-        "the engine imports packages that Slicer lacks and Resources/requirements.txt does not install: " + ", ".join(problems)
+        "the engine imports packages that Slicer lacks and Resources/requirements.txt does not install (or the "
+        "batch command's modules outside that command): " + ", ".join(problems)
     )
 
 
@@ -372,99 +448,6 @@ def test_cmake_lists_match_the_files():
     assert "Resources/requirements.txt" in resources
     text = CMAKE_FILE.read_text(encoding="utf-8")
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
-
-
-# ------------------------------------------------------------------------- the module and the engine CLI
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {},
-        {"bundlePath": "/models/my bundle", "device": "cuda", "useRadiomicsFilter": False,
-         "useBoundaryRefinement": False, "perLesionSegments": True},
-        {"useRadiomicsFilter": False},
-        {"perLesionSegments": True, "device": "cpu"},
-    ],
-)
-def test_command_line_is_accepted_by_the_engine_parser(glue, tmp_path, options):
-    from LiverTumorSegLib import cli
-
-    arguments = glue.engineCommandArguments(tmp_path / "input volume.nrrd", tmp_path / "out", **options)
-    assert arguments[:2] == ["-m", "LiverTumorSegLib.cli"]
-    parsed = cli._parser().parse_args(arguments[2:])
-    assert parsed.run is cli._segment
-    assert parsed.input == tmp_path / "input volume.nrrd" and parsed.output == tmp_path / "out"
-    assert parsed.progress == "json"
-    assert parsed.bundle == (Path(options["bundlePath"]) if options.get("bundlePath") else None)
-    assert parsed.device == options.get("device", "cpu")
-    assert parsed.no_radiomics is not options.get("useRadiomicsFilter", True)
-    assert parsed.no_refine is not options.get("useBoundaryRefinement", True)
-    assert parsed.per_lesion is options.get("perLesionSegments", False)
-    assert not parsed.overwrite  # the module always writes into a new folder
-
-
-def test_progress_lines_of_the_engine_are_read(glue):
-    from LiverTumorSegLib import cli
-
-    stream = io.StringIO()
-    with contextlib.redirect_stderr(stream):
-        reporter = cli._ProgressReporter("json")
-        for stage, fraction in (("check input", 0.0), ("liver network", 0.25), ("liver network", 1.0),
-                                ("postprocess", 0.5), ("done", 1.0)):
-            reporter(stage, fraction)
-        reporter.close()
-    lines = stream.getvalue().splitlines() + ["warning: No liver was found in this image.", "outputs: /x", "{not json"]
-    records = [glue.parseProgressLine(line) for line in lines]
-    assert [r["stage"] for r in records if r] == ["check input", "liver network", "liver network", "postprocess", "done"]
-    assert records[2]["fraction"] == 1.0 and records[1]["fraction"] == 0.25
-    assert records[-3:] == [None, None, None]
-    assert glue.parseProgressLine('{"stage": "x", "fraction": 7}')["fraction"] == 1.0
-    assert glue.parseProgressLine('{"stage": "x"}') is None
-    overall, seen = 0.0, []
-    for record in filter(None, records):
-        overall = glue.overallProgress(record["stage"], record["fraction"], overall)
-        seen.append(overall)
-    assert seen == sorted(seen) and 0.9 < seen[-1] < 1.0
-    assert glue.overallProgress("a stage added later", 0.5, 0.4) == 0.4
-    assert glue.progressText("liver network", 0.25) == "Liver network: 25%"
-    assert glue.engineWarnings(lines) == ["No liver was found in this image."]
-
-
-def test_every_engine_stage_moves_the_progress_bar(glue):
-    """Stage names the engine reports have a span: pipeline steps, network branches, each stage's STAGE."""
-    stages = set()
-    for path in sorted((MODULE_DIR / "LiverTumorSegLib").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("step", "progress"):
-                if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                    stages.add(node.args[0].value)
-            elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "STAGE" for t in node.targets):
-                if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                    stages.add(node.value.value)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"\w+ network", node.value):
-                stages.add(node.value)
-    assert {"check input", "liver network", "tumour network", "postprocess", "done"} <= stages
-    missing = sorted(s for s in stages if glue.stageKey(s) not in glue.STAGE_SPANS)
-    assert not missing, f"add these engine stages to STAGE_SPANS in LiverTumorSeg.py: {missing}"
-    spans = sorted(glue.STAGE_SPANS.values())
-    assert all(0.0 <= a <= b <= 1.0 for a, b in spans)
-
-
-def test_error_messages_say_what_to_do(glue):
-    from LiverTumorSegLib import cli
-
-    for code in glue.EXIT_HINTS:
-        assert re.search(rf"^\s*{code}\s", cli.EXIT_CODES, re.M), f"exit code {code} is not an engine exit code"
-    message = glue.engineErrorMessage(
-        ['{"stage": "check input", "fraction": 0.0, "message": "check input 0%"}',
-         "error: The image has no negative values, so it is not CT in Hounsfield units."], 2)
-    assert message.startswith(glue.EXIT_HINTS[2]) and "Hounsfield" in message
-    crash = glue.engineErrorMessage(["Traceback (most recent call last):", '  File "x.py", line 1', "ValueError: boom"], 1)
-    assert "report" in crash and "ValueError: boom" in crash
-    killed = glue.engineErrorMessage([], -9)
-    assert "memory" in killed and "signal 9" in killed
-    assert "exit code 77" in glue.engineErrorMessage([], 77)
 
 
 # --------------------------------------------------------------------- shared checks on real MRML
@@ -563,14 +546,6 @@ def test_shared_checks_catch_wrong_results():
         selftest.check_liver_found(np.zeros_like(labels.array), labels.array)
 
 
-def _module_function(name):
-    """A function of LiverTumorSeg.py that uses only its arguments (compiled here without Slicer)."""
-    node = next(n for n in _module_tree().body if isinstance(n, ast.FunctionDef) and n.name == name)
-    namespace = {}
-    exec(compile(ast.Module(body=[node], type_ignores=[]), str(MODULE_PY), "exec"), namespace)
-    return namespace[name]
-
-
 def test_existing_output_nodes_receive_the_result():
     """The module writes into a chosen segmentation / table: names stay, content and all checks pass."""
     mn = _mrml()
@@ -589,7 +564,9 @@ def test_existing_output_nodes_receive_the_result():
     mine.CreateDefaultDisplayNodes()
     mine.GetSegmentation().AddEmptySegment("old", "Old segment")
     my_table = scene.AddNewNodeByClass("vtkMRMLTableNode", "My table")
-    _module_function("_copySegmentationContent")(mine, segmentation)  # ... which the module restores
+    from LiverTumorSegLib.scene_run import copy_segmentation_content
+
+    copy_segmentation_content(mine, segmentation)  # ... which the module restores
     my_table.CopyContent(table, True)
     assert mine.GetName() == "My segmentation" and my_table.GetName() == "My table"
     selftest.check_result_nodes(mine, my_table, volumetry, per_lesion=True, labels=labels.array,
@@ -617,157 +594,6 @@ def test_output_folder_check_on_engine_outputs(tmp_path):
     shifted = Image(image.array, Geometry(image.geometry.spacing, (0.0, 0.0, 0.0), image.geometry.direction))
     with pytest.raises(selftest.SelfTestFailure, match="origin"):
         selftest.check_same_grid(read_labels, shifted)
-
-
-# ------------------------------------------------------------------- the engine in a background process
-
-
-def _tiny_bundle(folder):
-    """A real but untrained bundle: each branch is sigmoid(mean of its input channels)."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    from LiverTumorSegLib.bundle import write_bundle
-    from LiverTumorSegLib.preprocess import InputContract
-
-    files = {}
-    for name, channels in (("liver.onnx", 3), ("tumour.onnx", 4)):
-        graph = helper.make_graph(
-            [helper.make_node("ReduceMean", ["input"], ["mean"], keepdims=1, axes=[1]),
-             helper.make_node("Sigmoid", ["mean"], ["probability"])],
-            "branch",
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, "H", "W"])],
-            [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1, "H", "W"])],
-        )
-        files[name] = folder / f"source-{name}"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), files[name])
-    manifest = {"name": "untrained test bundle", "version": "1", "input": InputContract().to_dict(),
-                "components": {"liver": {"file": "liver.onnx"}, "tumour": {"file": "tumour.onnx"}}}
-    write_bundle(folder / "bundle", manifest, files)
-    return folder / "bundle"
-
-
-def _engine(glue, arguments):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]),
-               PYTHONUNBUFFERED="1")
-    return glue.EngineProcess([sys.executable] + arguments, env, str(MODULE_DIR))
-
-
-def _drive(engine, glue, until=None, timeout=900.0):
-    """Read the engine's output as the module's timer does; stop early when ``until(record)`` is true."""
-    started, records = time.monotonic(), []
-    while not engine.isFinished():
-        assert time.monotonic() - started < timeout, "the engine process did not finish in time"
-        for line in engine.readLines(timeout=0.2):
-            record = glue.parseProgressLine(line)
-            if record:
-                records.append(record)
-                if until is not None and until(record):
-                    return records
-    engine.readLines()
-    return records
-
-
-@pytest.fixture(scope="module")
-def small_ct(tmp_path_factory):
-    """A small phantom CT written as the module writes its input (MRML storage node outside the scene)."""
-    mn = _mrml()
-    if importlib.util.find_spec("LiverTumorSegLib.phantoms") is None:
-        pytest.skip("the phantom generator (LiverTumorSegLib.phantoms) is not there yet")
-    from LiverTumorSegLib import selftest
-
-    folder = tmp_path_factory.mktemp("ct")
-    scene = mn.create_scene()
-    volume, phantom = selftest.make_phantom_volume(scene, 11, size="small")
-    nodes = scene.GetNumberOfNodes()
-    storage = scene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(folder / "input.nrrd"))
-    storage.UseCompressionOff()
-    assert storage.WriteData(volume)
-    storage.UnRegister(None)
-    assert scene.GetNumberOfNodes() == nodes, "writing the input must leave no node in the scene"
-    return SimpleNamespace(path=folder / "input.nrrd", scene=scene, volume=volume, phantom=phantom)
-
-
-def test_engine_process_runs_and_its_results_load(glue, small_ct, tmp_path):
-    mn = _mrml()
-    from LiverTumorSegLib import selftest
-    from LiverTumorSegLib.image_io import read_image
-
-    bundle = _tiny_bundle(tmp_path)
-    out = tmp_path / "result"
-    engine = _engine(glue, glue.engineCommandArguments(small_ct.path, out, bundlePath=bundle, perLesionSegments=True))
-    engine.start()
-    records = _drive(engine, glue)
-    assert engine.returnCode == 0, glue.engineErrorMessage(engine.lines, engine.returnCode)
-    overall = 0.0
-    for record in records:
-        overall = glue.overallProgress(record["stage"], record["fraction"], overall)
-    assert records[-1]["stage"] == "done" and overall == pytest.approx(glue.STAGE_SPANS["done"][1])
-
-    labels, volumetry = selftest.check_output_folder(out, reference=read_image(small_ct.path))
-    selftest.check_same_grid(labels, small_ct.phantom.image)  # phantom -> MRML -> file -> engine -> file: same grid
-    segmentation = mn.segmentation_node_from_labels(small_ct.scene, labels, small_ct.volume, name="result",
-                                                    per_lesion=True)
-    mn.add_closed_surfaces(segmentation)
-    table = mn.volumetry_table_node(small_ct.scene, volumetry)
-    selftest.check_result_nodes(segmentation, table, volumetry, per_lesion=True, labels=labels.array,
-                                reference_volume_node=small_ct.volume)
-
-
-@pytest.mark.skipif(os.name == "nt", reason="process groups and SIGTERM are POSIX")
-def test_engine_process_cancel_stops_it_and_writes_nothing(glue, small_ct, tmp_path):
-    bundle = _tiny_bundle(tmp_path)
-    out = tmp_path / "result"
-    engine = _engine(glue, glue.engineCommandArguments(small_ct.path, out, bundlePath=bundle))
-    engine.start()
-    records = _drive(engine, glue, until=lambda record: glue.stageKey(record["stage"]) == "livernetwork")
-    assert records and not engine.isFinished()
-    engine.terminate()
-    _drive(engine, glue, timeout=60.0)
-    assert engine.returnCode in (130, -signal.SIGTERM)
-    assert "error: cancelled" in "\n".join(engine.lines).lower() or engine.returnCode == -signal.SIGTERM
-    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
-    engine.terminate()  # harmless once it has ended
-
-
-# -------------------------------------------------------------------------------- end to end
-
-
-def _end_to_end_ready():
-    from LiverTumorSegLib import bundle
-
-    if importlib.util.find_spec("LiverTumorSegLib.phantoms") is None:
-        return "the phantom generator (LiverTumorSegLib.phantoms) is not there yet"
-    if not (bundle.DEFAULT_BUNDLE / "manifest.json").is_file():
-        return f"no bundled model at {bundle.DEFAULT_BUNDLE}"
-    return None
-
-
-@pytest.mark.slow
-def test_end_to_end_with_the_bundled_model(glue, small_ct, tmp_path):
-    """The bundled model on a small phantom, run and loaded as the module does; it must find the liver."""
-    mn = _mrml()
-    reason = _end_to_end_ready()
-    if reason:
-        pytest.skip(reason)
-    from LiverTumorSegLib import selftest
-    from LiverTumorSegLib.image_io import read_image
-
-    out = tmp_path / "result"
-    engine = _engine(glue, glue.engineCommandArguments(small_ct.path, out))
-    engine.start()
-    records = _drive(engine, glue)
-    assert engine.returnCode == 0, glue.engineErrorMessage(engine.lines, engine.returnCode)
-    assert records and records[-1]["stage"] == "done"
-
-    labels, volumetry = selftest.check_output_folder(out, reference=read_image(small_ct.path))
-    selftest.check_liver_found(labels.array, small_ct.phantom.label)
-    segmentation = mn.segmentation_node_from_labels(small_ct.scene, labels, small_ct.volume, name="phantom liver")
-    mn.add_closed_surfaces(segmentation)
-    table = mn.volumetry_table_node(small_ct.scene, volumetry, name="phantom liver volumetry")
-    selftest.check_result_nodes(segmentation, table, volumetry, labels=labels.array,
-                                reference_volume_node=small_ct.volume)
 
 
 def test_engine_and_module_run_on_the_python_of_slicer_5_8():

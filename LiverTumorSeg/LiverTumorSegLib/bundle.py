@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from . import __version__
 from .errors import BundleError, DeviceError
 from .image_io import atomic_path
 from .preprocess import InputContract
@@ -85,10 +87,7 @@ class Bundle:
         """An ONNX Runtime session for a component; CUDA when asked for and available."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
+        options = session_options(threads)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             check_device(device)
@@ -101,6 +100,27 @@ class Bundle:
                 f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}). "
                 "The model file is damaged or was made for a newer ONNX Runtime: export the bundle again."
             ) from None
+
+
+def session_options(threads: int | None = None):
+    """The ONNX Runtime options of every session (also used by ``scripts/benchmark_conv_peak.py``).
+
+    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core); one inter-op thread, as
+    the graphs run sequentially. All graph optimisations (the default, kept explicit: ``extended`` measured no
+    faster); memory arena and memory patterns on (the defaults). Idle threads sleep instead of spinning
+    (``scripts/benchmark_conv_peak.py --compare-spinning``): on a busy machine a spinning thread takes CPU
+    time from the one that works, and on an idle one waking a thread takes microseconds against the tens of
+    milliseconds of each convolution layer.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def check_device(device: str) -> None:
@@ -140,6 +160,7 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
             f"The bundle '{path}' has format version {version!r}; this LiverTumorSeg reads "
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}. Update LiverTumorSeg, or export the bundle with a matching version."
         )
+    check_engine_version(manifest.get("engine_version"), f"The bundle '{path}'")
     files, components = manifest.get("files"), manifest.get("components")
     if not isinstance(files, dict) or not all(isinstance(info, dict) for info in files.values()):
         raise BundleError(f"Bundle '{path}': 'files' in {MANIFEST} must map each file name to its checksum; "
@@ -163,6 +184,38 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
             )
     check_input_contract(manifest, path)
     return Bundle(path, manifest)
+
+
+def check_engine_version(required, what: str) -> None:
+    """:class:`BundleError` when ``what`` (a bundle, a model of the index) needs a newer engine than this one.
+
+    ``required`` is the engine version that exported the bundle (the manifest's ``engine_version``) or the
+    index's ``engine_version``; None means no requirement. Compared by release numbers (0.10.0 > 0.9.2), by
+    hand because the engine also runs in Slicer's Python, where only the packages the module installs exist.
+    """
+    if required is None:
+        return
+    needed, current = _release(required), _release(__version__)
+    if needed is None:
+        raise BundleError(f"{what} names the engine version {required!r}, which is not a version number like 0.1.0. "
+                          "The bundle or index is damaged: export or download it again.")
+    if needed > current:
+        raise BundleError(
+            f"{what} needs LiverTumorSeg {required} or newer; this is LiverTumorSeg {__version__}. Update LiverTumorSeg "
+            "(pip install --upgrade livertumorseg, or update the extension in Slicer's Extension Manager), or choose "
+            f"a model made for {__version__}."
+        )
+
+
+def _release(version) -> tuple[int, ...] | None:
+    """The release numbers at the start of a version ('0.2.0.dev1' → (0, 2, 0)), without trailing zeros; None if none."""
+    match = re.match(r"(\d+(?:\.\d+)*)", str(version).strip())
+    if not match:
+        return None
+    numbers = [int(part) for part in match.group(1).split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers)
 
 
 def check_input_contract(manifest: dict, path) -> None:

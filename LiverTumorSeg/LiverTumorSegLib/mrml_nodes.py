@@ -1,30 +1,16 @@
-"""MRML adapter: engine results as Slicer nodes (volume, segmentation, volumetry table) and ``.seg.nrrd`` files.
+"""MRML adapter: engine results as Slicer nodes (volume, segmentation, volumetry table).
 
 The same code runs inside the 3D Slicer application (the caller passes ``slicer.mrmlScene``) and outside it
 with the ``slicer-core`` package (real MRML without Qt; the caller makes a scene with :func:`create_scene`).
 ``slicer`` and ``vtk`` are imported inside the functions, so the engine imports without them.
 
-Coordinates: the engine's :class:`~.image_io.Geometry` is in ITK's LPS patient frame; MRML is RAS. Moving
-between them negates the first two rows of the direction matrix and the first two origin coordinates.
-
 Segments
-    ``segmentation_node_from_labels`` turns a LiTS-style label map (0 background, 1 liver, 2 tumour) into the
-    segments "Liver" and "Liver tumor" (or, with ``per_lesion=True``, "Liver" and "Liver tumor 1..n", one per
-    26-connected tumour component, largest first). The segments are exclusive, exactly as in the label map:
-    the "Liver" segment holds the liver parenchyma *without* the tumours, although anatomically the tumours
-    are part of the liver. The whole liver is the union of all segments (Slicer's Segment Statistics reports
-    each segment separately; the volumetry table gives the whole-liver volume). Both classes always get a
-    segment, an empty one when the class is absent, so every output has the same structure. Each segment
-    carries its standard terminology (see :data:`LIVER_TERMINOLOGY`, :data:`TUMOUR_TERMINOLOGY`), a fixed
-    name and colour (not marked auto-generated), and the DICOM algorithm tags (AUTOMATIC, algorithm name)
-    that Slicer's DICOM SEG export writes into the segment sequence.
+    :func:`segmentation_node_from_labels` builds the segments that :mod:`.seg_nrrd` defines for a 0/1/2
+    label map (names, IDs, colours, terminology, per-lesion numbering; see there) and that it writes to
+    ``.seg.nrrd`` files without MRML. In a scene the liver's colour is read from the loaded terminology
+    when available (the same value is the fallback).
 
-Colours
-    Liver: the terminology's recommended colour (read from the loaded terminology when available; the
-    same value, RGB 221/130/101, is the fallback). Tumour: the DICOM terminology has no recommended colour
-    for "Neoplasm"; we use RGB 144/238/144, the colour of Slicer's generic anatomy "tumor"/"mass" label,
-    which stands out against the liver in 2D and 3D. Per-lesion segments cycle through a fixed palette that
-    starts with that colour and avoids the liver's hue.
+Coordinates: the engine's :class:`~.image_io.Geometry` is LPS, MRML is RAS (:func:`~.seg_nrrd.ijk_to_ras`).
 
 Volumetry table (``volumetry_table_node``)
     Rows in the order of the engine's volumetry CSV: "Liver (whole organ)" (parenchyma plus tumours, as
@@ -42,87 +28,26 @@ Volumetry table (``volumetry_table_node``)
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import InputError, OutputError
-from .image_io import Geometry, Image, atomic_path
+from .image_io import Geometry, Image
+from .seg_nrrd import (  # noqa: F401 - the layout's names are part of this adapter for its callers
+    ALGORITHM_NAME_TAG, ALGORITHM_TYPE_TAG, LIVER_COLOR, LIVER_SEGMENT_ID, LIVER_TERMINOLOGY, TUMOUR_COLOR,
+    TUMOUR_SEGMENT_ID, TUMOUR_SEGMENT_NAME, TUMOUR_TERMINOLOGY, check_labels, ijk_to_ras, lps_to_ras, segment_label,
+    segments_of,
+)
 
 log = logging.getLogger("LiverTumorSeg")
 
-# ------------------------------------------------------------------------------------------ terminology
-
-GENERAL_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-DICOM_MASTER_CONTEXT = "Segmentation category and type - DICOM master list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-
-#: Slicer terminology entry (context~category~type~type modifier~region context~region~region modifier).
-LIVER_TERMINOLOGY = (
-    f"{GENERAL_ANATOMY_CONTEXT}~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^"
-    f"~{ANATOMIC_CONTEXT}~^^~^^"
-)
-TUMOUR_TERMINOLOGY = (
-    f"{DICOM_MASTER_CONTEXT}~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
-    f"~{ANATOMIC_CONTEXT}~SCT^10200004^Liver~^^"
-)
-
-LIVER_SEGMENT_NAME = "Liver"
-TUMOUR_SEGMENT_NAME = "Liver tumor"
-LIVER_SEGMENT_ID = "Liver"
-TUMOUR_SEGMENT_ID = "Liver_tumor"
-
-#: Fallback for the liver's recommended terminology colour (3D Slicer General Anatomy list, SCT 10200004).
-LIVER_COLOR = (221 / 255, 130 / 255, 101 / 255)
-#: Tumour colour: Slicer's generic anatomy "tumor"/"mass" colour (the Neoplasm entry recommends none).
-TUMOUR_COLOR = (144 / 255, 238 / 255, 144 / 255)
-#: Per-lesion colours, cycled; the first is TUMOUR_COLOR. None is close to the liver's orange.
-LESION_PALETTE = tuple(
-    (r / 255, g / 255, b / 255)
-    for r, g, b in (
-        (144, 238, 144),  # light green
-        (102, 178, 255),  # light blue
-        (255, 215, 0),  # gold
-        (190, 120, 255),  # violet
-        (0, 200, 200),  # teal
-        (255, 110, 190),  # pink
-        (180, 255, 60),  # lime
-        (120, 120, 255),  # periwinkle
-        (255, 255, 150),  # pale yellow
-        (40, 210, 130),  # jade
-    )
-)
-
-ALGORITHM_TYPE_TAG = "DICOM.SegmentAlgorithmType"
-ALGORITHM_NAME_TAG = "DICOM.SegmentAlgorithmName"
-
-_LIVER_TYPE_CODE = "10200004"
-_ANATOMICAL_STRUCTURE_CODE = "123037004"
-#: Neoplasm, Neoplasm primary, Neoplasm secondary (DICOM CID 7159): read back as tumour.
-_TUMOUR_TYPE_CODES = {"108369006", "86049000", "14799000"}
 #: Terminology logics report this grey when an entry has no recommended colour.
 _NO_RECOMMENDED_COLOR = (127, 127, 127)
 
 _LOGICS_ATTRIBUTE = "_livertumorseg_logics"
 
 # --------------------------------------------------------------------------------------------- geometry
-
-
-def ijk_to_ras(geometry: Geometry) -> np.ndarray:
-    """4×4 IJK→RAS matrix of a grid given in LPS (columns: the i, j, k voxel axes scaled by spacing)."""
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    matrix = np.eye(4)
-    matrix[:3, :3] = lps_to_ras @ geometry.direction_matrix @ np.diag(np.asarray(geometry.spacing, dtype=float))
-    matrix[:3, 3] = lps_to_ras @ np.asarray(geometry.origin, dtype=float)
-    return matrix
-
-
-def lps_to_ras(point: Sequence[float]) -> tuple[float, float, float]:
-    """A point in LPS millimetres as RAS millimetres."""
-    x, y, z = (float(v) for v in point)
-    return (-x, -y, z)
 
 
 def _vtk_matrix(array: np.ndarray):
@@ -279,66 +204,6 @@ def _reference_volume_node(scene, geometry: Geometry, shape_zyx: Sequence[int]):
 # ---------------------------------------------------------------------------------------- segmentation
 
 
-def label_lesions(labels: np.ndarray, tumour_label: int = 2) -> tuple[np.ndarray, int]:
-    """Number the 26-connected tumour components 1..n by decreasing voxel count (ties: scan order).
-
-    The same numbering as the volumetry stage's lesion ids. Returns the lesion map (0 outside tumours;
-    the smallest unsigned type that holds n) and n.
-    """
-    box, ranked, count = _ranked_lesions(np.asarray(labels), tumour_label)
-    dtype = ranked.dtype if count else np.uint8
-    lesions = np.zeros(np.shape(labels), dtype=dtype)
-    if count:
-        lesions[box] = ranked
-    return lesions, count
-
-
-def _ranked_lesions(labels: np.ndarray, tumour_label: int = 2):
-    """(bounding box of the tumour, lesion numbers inside that box, n); the box is None when n = 0."""
-    from scipy import ndimage
-
-    mask = labels == tumour_label
-    box = _bounding_box(mask)
-    if box is None:
-        return None, None, 0
-    components, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-    order = np.argsort(-sizes, kind="stable")  # component index (0-based) by decreasing size
-    dtype = np.uint8 if count < 2**8 else np.uint16 if count < 2**16 else np.uint32
-    rank = np.zeros(count + 1, dtype=dtype)
-    rank[order + 1] = np.arange(1, count + 1)
-    return box, rank[components], int(count)
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
-def _check_labels(labels: Image) -> np.ndarray:
-    array = np.asarray(labels.array)
-    if array.ndim != 3:
-        raise InputError(f"The label map must be 3D (z, y, x); it has shape {array.shape}.")
-    if array.dtype != bool and array.dtype.kind not in "iu":
-        raise InputError(
-            f"The label map has voxel type {array.dtype}; an integer label map is needed "
-            "(0 background, 1 liver, 2 tumour)."
-        )
-    if array.size and (int(array.min()) < 0 or int(array.max()) > 2):
-        found = np.unique(array)
-        raise InputError(
-            f"The label map contains the values {found[:10].tolist()}{' …' if found.size > 10 else ''}; only 0 "
-            "(background), 1 (liver) and 2 (tumour) are allowed, as in LiTS. Relabel it first."
-        )
-    return array
-
-
 def _labelmap_image(shape_zyx: Sequence[int], geometry: Geometry, max_label: int):
     """A ``vtkOrientedImageData`` on the label map's grid (RAS) and a numpy view of its voxels."""
     import slicer
@@ -370,42 +235,20 @@ def segmentation_node_from_labels(
 ):
     """Add a ``vtkMRMLSegmentationNode`` with the segments of a 0/1/2 label map to ``scene``.
 
-    Segments "Liver" and "Liver tumor" (exclusive, as in the label map; see the module docstring), or with
-    ``per_lesion`` "Liver" and "Liver tumor 1..n" (26-connected components of label 2, largest first; an
-    empty "Liver tumor" when there is none). The reference image geometry is the reference volume's, or
-    the label map's own grid without one. Segment IDs are fixed ("Liver", "Liver_tumor", "Liver_tumor_<k>").
+    The segments of :func:`.seg_nrrd.segments_of`: "Liver" and "Liver tumor" (exclusive, as in the label
+    map), or with ``per_lesion`` "Liver" and "Liver tumor 1..n" (an empty "Liver tumor" when there is no
+    lesion), with fixed IDs ("Liver", "Liver_tumor", "Liver_tumor_<k>"). The reference image geometry is
+    the reference volume's, or the label map's own grid without one.
     """
     import slicer
     import vtk
 
-    array = _check_labels(labels)
+    voxels, segments = segments_of(check_labels(labels), per_lesion)
     _ensure_logics(scene)
-    shape = array.shape
-
-    if per_lesion:
-        box, ranked, count = _ranked_lesions(array)
-        image, voxels = _labelmap_image(shape, labels.geometry, count + 1)
-        voxels[...] = array
-        if count:  # every tumour voxel lies in the box: lesion k becomes label k + 1 (1 stays the liver)
-            inside = voxels[box]
-            tumour = ranked > 0
-            inside[tumour] = ranked[tumour].astype(voxels.dtype) + 1
-            palette = LESION_PALETTE
-            tumour_segments = [
-                (f"{TUMOUR_SEGMENT_ID}_{k}", f"{TUMOUR_SEGMENT_NAME} {k}", palette[(k - 1) % len(palette)])
-                for k in range(1, count + 1)
-            ]
-        else:
-            tumour_segments = [(TUMOUR_SEGMENT_ID, TUMOUR_SEGMENT_NAME, TUMOUR_COLOR)]
-    else:
-        image, voxels = _labelmap_image(shape, labels.geometry, 2)
-        voxels[...] = array
-        tumour_segments = [(TUMOUR_SEGMENT_ID, TUMOUR_SEGMENT_NAME, TUMOUR_COLOR)]
-    del voxels
-
+    image, image_voxels = _labelmap_image(voxels.shape, labels.geometry, len(segments))
+    image_voxels[...] = voxels
+    del image_voxels
     liver_color = recommended_color(scene, LIVER_TERMINOLOGY, LIVER_COLOR)
-    segments = [(LIVER_SEGMENT_ID, LIVER_SEGMENT_NAME, liver_color, LIVER_TERMINOLOGY)]
-    segments += [(sid, sname, color, TUMOUR_TERMINOLOGY) for sid, sname, color in tumour_segments]
 
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     if reference_volume_node is not None:
@@ -420,6 +263,7 @@ def segmentation_node_from_labels(
     segmentation = node.GetSegmentation()
     segment_ids = vtk.vtkStringArray()
     for segment_id, segment_name, color, terminology in segments:
+        color = liver_color if segment_id == LIVER_SEGMENT_ID else color
         added = segmentation.AddEmptySegment(segment_id, segment_name, list(color))
         if added != segment_id:
             raise RuntimeError(f"could not add the segment '{segment_id}' to the segmentation (got '{added}')")
@@ -430,7 +274,7 @@ def segmentation_node_from_labels(
         segment.SetTag(ALGORITHM_TYPE_TAG, "AUTOMATIC")
         segment.SetTag(ALGORITHM_NAME_TAG, algorithm_name)
         segment_ids.InsertNextValue(segment_id)
-    # Label value k of the image goes into the k-th segment; absent labels leave their segment empty.
+    # Voxel value k of the image goes into the k-th segment; absent values leave their segment empty.
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, node, segment_ids):
         raise RuntimeError("importing the label map into the segmentation node failed")
     node.CreateDefaultDisplayNodes()
@@ -453,175 +297,11 @@ def add_closed_surfaces(segmentation_node) -> bool:
     return created
 
 
-# ------------------------------------------------------------------------------------------------ files
-
-SEGMENTATION_SUFFIX = ".seg.nrrd"
-
-
-def write_segmentation(
-    labels: Image,
-    path: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    per_lesion: bool = False,
-    algorithm_name: str = "LiverTumorSeg",
-) -> Path:
-    """Write a label map as a Slicer ``.seg.nrrd`` (through MRML's segmentation storage node), atomically.
-
-    Uses its own scene. Refuses to replace an existing file unless ``overwrite``. The file is written under
-    a temporary name, read back and compared voxel by voxel with ``labels`` (the NRRD writer reports
-    success even when the disk fills up), and only then renamed; on any failure nothing is left behind.
-    Returns the path written.
-    """
-    import slicer
-
-    path = Path(path)
-    if not path.name.lower().endswith(SEGMENTATION_SUFFIX):
-        raise OutputError(f"'{path}': a segmentation file name must end with '{SEGMENTATION_SUFFIX}'.")
-    if path.is_dir():
-        raise OutputError(f"'{path}' is a folder. Give a file name ending with '{SEGMENTATION_SUFFIX}'.")
-    if path.exists() and not overwrite:
-        raise OutputError(f"'{path}' already exists. Choose another output, or pass --overwrite to replace it.")
-    scene = create_scene()
-    node = segmentation_node_from_labels(
-        scene, labels, name=path.name[: -len(SEGMENTATION_SUFFIX)] or "LiverTumorSeg",
-        per_lesion=per_lesion, algorithm_name=algorithm_name,
-    )
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        scene.AddNode(storage)
-        storage.SetUseCompression(True)
-        storage.SetCropToMinimumExtent(False)  # keep the whole grid: the file lines up with the CT voxel by voxel
-        storage.SetFileName(str(tmp))
-        ok = storage.WriteData(node)
-        if not ok or not tmp.is_file() or tmp.stat().st_size == 0:
-            messages = storage.GetUserMessages().GetAllMessagesAsString().strip()
-            raise OutputError(
-                f"Writing '{path}' failed{f' ({messages})' if messages else ''}. "
-                "Check that the disk is not full and the location is writable."
-            )
-        # The NRRD writer does not notice a full disk; read the file back before it replaces anything.
-        _verify_written(tmp, labels, path)
-    return path
-
-
-def _verify_written(written: Path, labels: Image, path: Path) -> None:
-    """Raise OutputError unless ``written`` holds exactly ``labels`` (any tumour segment counting as 2)."""
-    import SimpleITK as sitk
-
-    problem = None
-    try:
-        image = sitk.ReadImage(str(written))
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        problem = f"it cannot be read back ({lines[-1] if lines else 'unreadable'})"
-    else:
-        voxels = sitk.GetArrayViewFromImage(image)
-        geometry = Geometry.from_sitk(image) if image.GetDimension() == 3 else None
-        if voxels.shape != labels.array.shape or geometry is None:
-            problem = f"it holds an image of shape {voxels.shape} instead of {labels.array.shape}"
-        elif not all(
-            np.allclose(a, b, rtol=1e-6, atol=1e-6)
-            for a, b in zip(
-                (geometry.spacing, geometry.origin, geometry.direction),
-                (labels.geometry.spacing, labels.geometry.origin, labels.geometry.direction),
-            )
-        ):
-            problem = "its voxel grid differs from the label map's"
-        elif not np.array_equal(np.minimum(voxels, 2), labels.array):
-            problem = "its voxels differ from the label map"
-    if problem:
-        raise OutputError(
-            f"Writing '{path}' failed: the file written is damaged ({problem}). "
-            "Check that the disk is not full, then run again."
-        )
-
-
 def _segment_class(segment) -> int:
-    """1 for a liver segment, 2 for a tumour segment, 0 for anything else (by terminology, then name)."""
-    parts = (segment_tag(segment, segment.GetTerminologyEntryTagName()) or "").split("~")
-    if len(parts) >= 3:
-        category = parts[1].split("^")
-        type_ = parts[2].split("^")
-        type_code = type_[1] if len(type_) > 1 else ""
-        category_code = category[1] if len(category) > 1 else ""
-        if type_code in _TUMOUR_TYPE_CODES:
-            return 2
-        if type_code == _LIVER_TYPE_CODE and category_code == _ANATOMICAL_STRUCTURE_CODE:
-            return 1
-    name = (segment.GetName() or "").strip().lower()
-    if name.startswith(("liver tumor", "liver tumour")):
-        return 2
-    if name == "liver":
-        return 1
-    return 0
-
-
-def read_segmentation_labels(path: str | os.PathLike, reference: Image) -> np.ndarray:
-    """Read a ``.seg.nrrd`` into a (z, y, x) uint8 label map on ``reference``'s grid.
-
-    1 = the "Liver" segment, 2 = any tumour segment ("Liver tumor", "Liver tumor <k>", or a Neoplasm
-    terminology); other segments are ignored. Where segments overlap, tumour wins. On the grid the file
-    was written on, this is an exact round trip of :func:`write_segmentation`.
-    """
-    import slicer
-    from slicer import util
-
-    import SimpleITK as sitk
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Segmentation file not found: '{path}'.")
-    # slicer-core's storage node aborts the whole process on a damaged NRRD (an uncaught ITK exception),
-    # so the file must first pass SimpleITK, which reads it with the same NRRD code and raises instead.
-    try:
-        sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise InputError(
-            f"'{path}' is not a readable segmentation file ({lines[-1] if lines else 'unreadable'}). "
-            "It may be truncated: copy or export it again."
-        ) from None
-    scene = create_scene()
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "read")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    if not storage.ReadData(node):
-        messages = storage.GetUserMessages().GetAllMessagesAsString().strip()
-        raise InputError(
-            f"'{path}' could not be read as a segmentation{f' ({messages})' if messages else ''}. "
-            "Save it again from 3D Slicer as a .seg.nrrd file."
-        )
-    segmentation = node.GetSegmentation()
-    chosen: list[tuple[int, str]] = []
-    for segment_id in segmentation.GetSegmentIDs():
-        label = _segment_class(segmentation.GetSegment(segment_id))
-        if label:
-            chosen.append((label, segment_id))
-    if not chosen:
-        raise InputError(
-            f"'{path}' has no 'Liver' or 'Liver tumor' segment (found: "
-            f"{', '.join(segmentation.GetSegment(s).GetName() for s in segmentation.GetSegmentIDs()) or 'none'})."
-        )
-    chosen.sort(key=lambda item: item[0])  # liver first, so tumour segments are painted over it
-    shape = np.asarray(reference.array).shape
-    reference_node = _reference_volume_node(scene, reference.geometry, shape)
-    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "read labels")
-    ids = [segment_id for _, segment_id in chosen]
-    if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-        node, ids, labelmap_node, reference_node
-    ):
-        raise InputError(f"The segments of '{path}' could not be mapped onto the reference image grid.")
-    exported = util.arrayFromVolume(labelmap_node)
-    if exported.shape != shape:
-        raise InputError(
-            f"The segments of '{path}' came out with shape {exported.shape}, not the reference's {shape}."
-        )
-    # The export numbers the segments 1..n in the order given; map those numbers to liver/tumour.
-    lookup = np.zeros(max(int(exported.max()), len(ids)) + 1, dtype=np.uint8)
-    lookup[1 : len(ids) + 1] = [label for label, _ in chosen]
-    return lookup[exported]
+    """1 for a liver segment, 2 for a tumour segment, 0 for anything else (:func:`.seg_nrrd.segment_label`)."""
+    parts = (segment_tag(segment, segment.GetTerminologyEntryTagName()) or "").split("~") + ["", "", ""]
+    category, type_ = ((part.split("^") + ["", ""])[1] for part in parts[1:3])  # scheme^code^meaning
+    return segment_label(segment.GetName(), category, type_)
 
 
 # ---------------------------------------------------------------------------------------------- tables

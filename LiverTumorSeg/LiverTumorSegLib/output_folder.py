@@ -18,8 +18,10 @@ from .errors import OutputError
 #: Output file names inside the output folder.
 LABELS_FILE = {"nifti": "segmentation.nii.gz", "nrrd": "segmentation.nrrd"}
 SEGMENTATION_FILE = "segmentation.seg.nrrd"
+DICOM_SEG_FILE = "segmentation.dcm"  # for a DICOM series input
 VOLUMETRY_JSON, VOLUMETRY_CSV, REPORT_HTML, RUN_JSON = "volumetry.json", "volumetry.csv", "report.html", "run.json"
-OUTPUT_FILES = frozenset({*LABELS_FILE.values(), SEGMENTATION_FILE, VOLUMETRY_JSON, VOLUMETRY_CSV, REPORT_HTML, RUN_JSON})
+OUTPUT_FILES = frozenset({*LABELS_FILE.values(), SEGMENTATION_FILE, DICOM_SEG_FILE, VOLUMETRY_JSON, VOLUMETRY_CSV,
+                          REPORT_HTML, RUN_JSON})
 
 #: The ``producer`` entry of our ``run.json``: how a folder is recognised as a previous output.
 PRODUCER = "LiverTumorSeg"
