@@ -213,3 +213,18 @@ def test_scale_augmentation_zooms_the_tile_content():
     disk = np.pi * 100
     assert min(areas) >= 0.9 * disk / 1.25**2 and max(areas) <= 1.1 * disk / 0.8**2
     assert max(areas) / min(areas) > 1.6  # the scale really varies (1.25² / 0.8² = 2.4 at the extremes)
+
+
+def test_a_coarse_liver_branch_gets_a_window_liver_scale_times_the_tile_and_the_tumour_its_centre():
+    """liver_scale 2, tile 32: a 64 px window centred on the liver; the tumour target is its central 32 px."""
+    labels = np.zeros((96, 96), np.uint8)
+    labels[30:70, 20:60] = 1  # liver centre (49.5, 39.5)
+    labels[44:50, 36:42] = 2  # tumour inside it
+    labels[4:8, 4:8] = 2  # a second "tumour" outside the window's centre tile
+    sampler = TileSampler([_grey_slice_set(155, labels)], InputContract(), tile=32, train=False, liver_scale=2)
+    sampler.sets[0].centres[:] = [48, 40]
+    stack, liver, tumour = sampler[0]
+    assert stack.shape == (3, 64, 64) and liver.shape == (1, 64, 64) and tumour.shape == (1, 32, 32)
+    np.testing.assert_array_equal(liver[0], labels[16:80, 8:72] >= 1)  # window rows 48−32…48+32, cols 40−32…40+32
+    np.testing.assert_array_equal(tumour[0], labels[32:64, 24:56] == 2)  # its centre 32 px: the inner tumour only
+    assert tumour.sum() == 36

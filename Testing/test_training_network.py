@@ -277,3 +277,33 @@ def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path, in_channels):
         # baked-in shape, missing scale) is >= 1e-2.
         diff = check_onnx_matches_torch(branch, path, x)
         assert diff < 1e-4, f"{shape}: max abs diff {diff}"
+
+
+def test_coarse_liver_branch_pools_runs_and_upsamples_and_the_tumour_branch_sees_the_centre():
+    """liver_scale 2: the liver logit covers the whole window at the input's size (the network ran on the 2× pooled
+    window); the tumour branch runs on the central half of the window with the liver probability of that centre."""
+    model = CascadeNet("lite", liver_scale=2).eval()
+    x = _phantom(1, 3, 128, 192, seed=5)
+    with torch.no_grad():
+        liver, tumour = model(x)
+        inner = model.liver.net(torch.nn.functional.avg_pool2d(x, 2))
+        centre = torch.cat([x, torch.sigmoid(liver)], 1)[..., 32:96, 48:144]
+        expected_tumour = model.tumor(centre)
+    assert liver.shape == (1, 1, 128, 192) and tumour.shape == (1, 1, 64, 96) and inner.shape == (1, 1, 64, 96)
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(liver, 2), torch.nn.functional.avg_pool2d(
+        torch.nn.functional.interpolate(inner, scale_factor=2.0, mode="bilinear", align_corners=False), 2))
+    torch.testing.assert_close(tumour, expected_tumour)
+    assert model.liver.in_channels == 3 and model.branch_inputs(64)["liver"][1] == (1, 3, 128, 128)
+
+
+def test_weights_of_a_full_resolution_cascade_initialise_a_coarse_one(tmp_path):
+    from livertumorseg_training.train import initialise_from
+
+    source = CascadeNet("lite")
+    torch.save({"model": source.state_dict()}, tmp_path / "source.pt")
+    coarse = CascadeNet("lite", liver_scale=2)
+    initialise_from(coarse, str(tmp_path / "source.pt"))
+    for name, value in source.liver.state_dict().items():
+        torch.testing.assert_close(coarse.liver.net.state_dict()[name], value, rtol=0, atol=0)
+    for name, value in source.tumor.state_dict().items():
+        torch.testing.assert_close(coarse.tumor.state_dict()[name], value, rtol=0, atol=0)

@@ -26,7 +26,7 @@ RESUME=()
   --validation-cases 6 --augment --batch-size 8 --time-limit-minutes "$MINUTES" --seed 0 \
   --real-data "$SHARED/data/real-train" --real-holdout mahler06 mahler07 --real-slices-per-volume 80 "${RESUME[@]}"
 "$BIN/livertumorseg-train" export --checkpoint "$RUNS/demo/best.pt" --out "$BUNDLE" --overwrite \
-  --name LiverTumorSeg-demo --version 0.3.0 \
+  --name LiverTumorSeg-demo --version 0.3.0 --licence Apache-2.0 \
   --description "Research model trained on synthetic CT phantoms and six real 8-bit CT scans; not for clinical use." \
   --data-source "32 procedural synthetic CT phantoms (livertumorseg phantom --seed 1000; 26 trained on, 6 for validation)" \
   --data-source "6 real contrast-enhanced CT scans, 8-bit windowed (mahler00-05) from the public repository MahlerTom/UnetLiverSegmentation (data/train); their source and licence are not stated; research use only; mahler06 and mahler07 held out"

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--real-holdout", nargs="*", default=[], help="ids in --real-data never trained on (the real validation set)")
     train.add_argument("--real-slices-per-volume", type=int, default=80, help="slices per real scan")
     train.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels-last memory format")
+    train.add_argument("--init-from", default=None, help="start from this cascade checkpoint's weights (fine-tuning)")
+    train.add_argument("--liver-scale", type=int, default=1,
+                       help="run the liver branch at this many times the grid's spacing (2: 2 mm, a 448 mm window per "
+                            "224 tile: the whole abdomen as context); the tumour branch stays on the 1 mm grid")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.set_defaults(run=_train)
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--description", default="")
     export.add_argument("--data-source", action="append", default=[], metavar="TEXT",
                         help="one training data source with its origin and licence, recorded in the manifest (repeatable)")
+    export.add_argument("--licence", default="not stated", metavar="TEXT",
+                        help="licence of the model weights (e.g. Apache-2.0), recorded in the manifest")
+    export.add_argument("--zip", type=Path, default=None, metavar="ZIP",
+                        help="also write the bundle as a zip for 'livertumorseg models import' (or a model index)")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=_export)
 
@@ -108,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser("evaluate", help="the paper's evaluation tables (RESULTS.md, CSVs, figures) from one command")
     ).set_defaults(run=run_evaluate)
 
+    synth = commands.add_parser("synth-phantoms", help="training CT painted on the label bank's real anatomy (resumable)")
+    synth.add_argument("--label-bank", required=True, type=Path, help="label-bank folder (with labels.json)")
+    synth.add_argument("--out", required=True, type=Path, help="dataset folder (LiTS layout); complete cases there are kept")
+    synth.add_argument("--count", required=True, type=int)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--sources", default="ircad,flare22,word,amos,abdomenatlas", help="comma-separated label-bank sources")
+    synth.add_argument("--size", default="full", choices=("full", "small"), help="512 or 128 pixels in-plane")
+    synth.set_defaults(run=_synth_phantoms)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
@@ -115,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
 
+
+
+def _synth_phantoms(args) -> int:
+    from .synth_dataset import write_synth_dataset
+
+    sources = [name.strip() for name in args.sources.split(",") if name.strip()]
+    written = write_synth_dataset(args.label_bank, args.out, args.count, seed=args.seed, sources=sources, size=args.size)
+    print(f"{len(written)} case(s) in {args.out}")
+    return 0
 
 def _ablation_flags(parser) -> None:
     parser.add_argument("--no-dense-skips", action="store_true", help="plain U-Net skips (ablation)")
@@ -172,8 +198,13 @@ def _export(args) -> int:
     from .export import export_bundle
 
     bundle = export_bundle(args.checkpoint, args.out, name=args.name, version=args.version,
-                           description=args.description, overwrite=args.overwrite, data_sources=args.data_source)
+                           description=args.description, overwrite=args.overwrite, data_sources=args.data_source,
+                           licence=args.licence)
     print(f"bundle written: {bundle.path} ({', '.join(bundle.manifest['files'])})")
+    if args.zip:
+        from LiverTumorSegLib.model_registry import pack_bundle
+
+        print(f"zip written: {pack_bundle(bundle.path, args.zip, overwrite=args.overwrite)}")
     return 0
 
 

@@ -17,6 +17,7 @@ import torch
 
 from LiverTumorSegLib import __version__ as engine_version
 from LiverTumorSegLib.bundle import Bundle, write_bundle
+from LiverTumorSegLib.model_registry import NOT_STATED
 
 from .networks import build_model
 from .onnx_export import check_onnx_matches_torch, export_branch_onnx, export_onnx
@@ -42,19 +43,23 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def _cascade_from_state(state: dict) -> torch.nn.Module:
     config = state["config"]
     model = build_model("cascade", config["preset"], dense_skips=config["dense_skips"], subpixel=config["subpixel"],
-                        attention=config["attention"])
+                        attention=config["attention"], liver_scale=config.get("liver_scale", 1))
     model.load_state_dict(state["model"])
     return model.eval()
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, version: str, description: str = "",
                   metrics: dict | None = None, overwrite: bool = False, seed: int = 0,
-                  data_sources: list[str] | None = None) -> Bundle:
-    """A bundle from a training checkpoint: the cascade's, or a seed baseline's (see :func:`export_baseline_bundle`)."""
+                  data_sources: list[str] | None = None, licence: str = NOT_STATED) -> Bundle:
+    """A bundle from a training checkpoint: the cascade's, or a seed baseline's (see :func:`export_baseline_bundle`).
+
+    ``licence``: the terms of the model weights (e.g. an SPDX id), recorded in the manifest beside the training
+    data sources and shown by ``livertumorseg models list``.
+    """
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if "model_name" in state:
         return export_baseline_bundle(state, out_dir, name=name, version=version, description=description,
-                                      overwrite=overwrite, seed=seed)
+                                      overwrite=overwrite, seed=seed, licence=licence)
     model, state = _cascade_from_state(state), state
     config = state["config"]
     rng = np.random.default_rng(seed)
@@ -63,7 +68,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, ver
         for component, (attribute, channels, role) in BRANCHES.items():
             branch = getattr(model, attribute)
             path = export_branch_onnx(branch, channels, Path(tmp) / f"{component}.onnx", opset=17)
-            probe = rng.uniform(0, 255, size=(2, channels, 96, 64)).astype(np.float32)
+            multiple = config["contract"]["spatial_multiple"]
+            probe = rng.uniform(0, 255, size=(2, channels, 2 * multiple, multiple)).astype(np.float32)
             if channels == 4:
                 probe[:, 3] = rng.uniform(0, 1, size=probe[:, 3].shape)
             differences[component] = check_onnx_matches_torch(branch, path, probe)
@@ -73,9 +79,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, ver
                                       "input": "input", "output": "probability"}
             files[path.name] = path
         manifest = {
-            **_header(name, version, description),
+            **_header(name, version, description, licence),
             "model": {"name": "cascade", "preset": config["preset"],
                       "flags": {k: config[k] for k in ("dense_skips", "subpixel", "attention")},
+                      "liver_scale": model.liver_scale,  # the liver branch's spacing in processing-grid pixels
                       "parameters": {c: sum(p.numel() for p in getattr(model, a).parameters()) for c, (a, _, _) in BRANCHES.items()}},
             "input": config["contract"],
             "components": components,
@@ -93,9 +100,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, ver
         return write_bundle(out_dir, manifest, files, overwrite=overwrite)
 
 
-def _header(name: str, version: str, description: str) -> dict:
+def _header(name: str, version: str, description: str, licence: str) -> dict:
     """The manifest entries every bundle starts with."""
-    return {"name": name, "version": version, "description": description, "engine_version": engine_version,
+    return {"name": name, "version": version, "description": description, "licence": licence,
+            "engine_version": engine_version,
             "intended_use": "Research use only. Not a medical device; every result must be reviewed by a clinician.",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -139,7 +147,8 @@ def baseline_components(model_name: str, model: torch.nn.Module, extra: dict) ->
 
 
 def export_baseline_bundle(state: dict, out_dir: str | Path, *, name: str, version: str,
-                           description: str = "", overwrite: bool = False, seed: int = 0) -> Bundle:
+                           description: str = "", overwrite: bool = False, seed: int = 0,
+                           licence: str = NOT_STATED) -> Bundle:
     """Bundle of a seed baseline's loaded checkpoint (``baseline_training``): ONNX parts checked against torch."""
     model = build_model(state["model_name"], state["preset"])
     model.load_state_dict(state["model"])
@@ -161,7 +170,7 @@ def export_baseline_bundle(state: dict, out_dir: str | Path, *, name: str, versi
             files[path.name] = path
         config = state["config"]
         manifest = {
-            **_header(name, version, description),
+            **_header(name, version, description, licence),
             "model": {"name": state["model_name"], "preset": state["preset"],
                       "parameters": {c: sum(p.numel() for p in m.parameters()) for c, (m, *_) in parts.items()}},
             "input": model.input_contract,

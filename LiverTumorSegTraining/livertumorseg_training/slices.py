@@ -105,12 +105,18 @@ def _liver_centres(labels: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 class TileSampler:
-    """Draws (stack, liver target, tumour target) tiles; deterministic in (seed, epoch, index)."""
+    """Draws (stack, liver target, tumour target) tiles; deterministic in (seed, epoch, index).
+
+    With ``liver_scale`` > 1 (a liver branch at that many times the grid's spacing) the stack and the liver target
+    cover a window ``liver_scale`` times the tile's size, and the tumour target is the window's central tile.
+    """
 
     def __init__(self, slice_sets: list[SliceSet], contract: InputContract, *, tile: int | None = None,
-                 liver_centred: float = 0.8, train: bool = True, augment: bool = False, seed: int = 0):
+                 liver_centred: float = 0.8, train: bool = True, augment: bool = False, seed: int = 0,
+                 liver_scale: int = 1):
         self.sets, self.contract = slice_sets, contract
-        self.tile = tile or contract.training_tile
+        self.tile = (tile or contract.training_tile) * liver_scale
+        self.liver_scale = liver_scale
         self.liver_centred, self.train, self.augment, self.seed = liver_centred, train, augment, seed
         self.index = [(s, k) for s, slice_set in enumerate(slice_sets) for k in range(len(slice_set.stacks))]
         self.epoch = 0
@@ -130,7 +136,8 @@ class TileSampler:
         if not self.train:
             cy, cx = slice_set.centres[k]
         elif rng.random() < self.liver_centred:
-            cy, cx = slice_set.centres[k] + rng.uniform(-self.tile / 4, self.tile / 4, size=2)
+            jitter = self.tile / self.liver_scale / 4  # the tumour tile stays around the liver
+            cy, cx = slice_set.centres[k] + rng.uniform(-jitter, jitter, size=2)
         else:
             cy, cx = rng.uniform(half, max(half, height - half)), rng.uniform(half, max(half, width - half))
         scale = float(np.exp(rng.uniform(*np.log(SCALE_RANGE)))) if self.augment else 1.0
@@ -143,7 +150,9 @@ class TileSampler:
             stack = ndimage.zoom(stack.astype(np.float32), (1, zoom, zoom), order=1, grid_mode=True, mode="grid-constant")
             labels = ndimage.zoom(labels, zoom, order=0, grid_mode=True, mode="grid-constant")
         stack = self._intensities(stack.astype(np.float32), slice_set.grey_window, rng)
-        return stack, (labels >= 1).astype(np.float32)[None], (labels == 2).astype(np.float32)[None]
+        inner = self.tile // self.liver_scale
+        centre = slice((self.tile - inner) // 2, (self.tile - inner) // 2 + inner)
+        return stack, (labels >= 1).astype(np.float32)[None], (labels[centre, centre] == 2).astype(np.float32)[None]
 
     def _intensities(self, stack: np.ndarray, grey_window, rng: np.random.Generator) -> np.ndarray:
         """The tile in the contract's [0, 255] window: an 8-bit scan through its (redrawn) window; a HU-derived

@@ -69,7 +69,15 @@ class TrainConfig:
     real_holdout: list[str] = field(default_factory=list)
     real_slices_per_volume: int = 80
     channels_last: bool = True
+    liver_scale: int = 1
+    init_from: str | None = None
     contract: dict = field(default_factory=lambda: InputContract().to_dict())
+
+    def __post_init__(self):
+        # A liver branch at liver_scale× the spacing pools its input by liver_scale before the network's own ×32.
+        multiple = 32 * self.liver_scale
+        if self.contract["spatial_multiple"] % multiple:
+            self.contract = {**self.contract, "spatial_multiple": multiple}
 
 
 @dataclass
@@ -109,6 +117,19 @@ def load_slice_sets(config: TrainConfig, case_ids: list[str], cases_by_id: dict,
     return sets
 
 
+def initialise_from(model: torch.nn.Module, checkpoint: str) -> None:
+    """Start from another cascade checkpoint's weights (fine-tuning). A liver branch trained at another scale
+    starts from the same weights: its network is the same, only the pooling and upsampling around it differ."""
+    weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    coarse = model.liver_scale > 1
+
+    def key(name: str) -> str:
+        name = name.replace("liver.net.", "liver.", 1)
+        return name.replace("liver.", "liver.net.", 1) if coarse else name
+
+    model.load_state_dict({key(name): value for name, value in weights.items()})
+
+
 def real_training_split(config: TrainConfig) -> tuple[dict, list[str]]:
     """The cases of ``config.real_data`` by id and the ids trained on (all but ``real_holdout``)."""
     if not config.real_data:
@@ -140,16 +161,21 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     split.update(real_train=real_train, real_holdout=sorted(config.real_holdout))
     train_sets = load_slice_sets(config, split["train"], cases)
     train_sets += load_slice_sets(config, real_train, real_cases, config.real_slices_per_volume)
-    train_sampler = TileSampler(train_sets, contract, tile=config.tile, train=True, augment=config.augment, seed=config.seed)
+    train_sampler = TileSampler(train_sets, contract, tile=config.tile, train=True, augment=config.augment,
+                                seed=config.seed, liver_scale=config.liver_scale)
     val_sampler = TileSampler(load_slice_sets(config, split["validation"], cases), contract, tile=config.tile,
-                              train=False, seed=config.seed)
+                              train=False, seed=config.seed, liver_scale=config.liver_scale)
     if is_main:
         log(f"cases: {len(split['train'])} train (+{len(real_train)} real: {', '.join(real_train) or 'none'}; held out: "
             f"{', '.join(split['real_holdout']) or 'none'}), {len(split['validation'])} validation, {len(split['test'])} test; "
             f"{len(train_sampler)} training and {len(val_sampler)} validation slices; device {device}, world {world}")
 
     model = build_model("cascade", config.preset, dense_skips=config.dense_skips, subpixel=config.subpixel,
-                        attention=config.attention).to(device)
+                        attention=config.attention, liver_scale=config.liver_scale).to(device)
+    if config.init_from and not (config.resume and (out / "last.pt").exists()):
+        initialise_from(model, config.init_from)
+        if is_main:
+            log(f"weights initialised from {config.init_from}")
     if config.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on tensor-core GPUs
         model = model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model

@@ -82,6 +82,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cascade_layers import (AttentionGate, BilinearUp, DenseBlock, DenseLayer, InputScale, SubPixelUp,
+                             Transition, conv_bn_relu, conv_stage, icnr_)
+
 __all__ = [
     "PRESETS",
     "InputScale",
@@ -129,141 +132,6 @@ PRESETS: Dict[str, dict] = {
 }
 
 _DIVISOR = 32  # total downsampling factor of the encoder
-
-
-def _conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
-
-
-class InputScale(nn.Module):
-    """Multiplies each input channel by a constant (part of the exported graph).
-
-    ``scales`` has one entry per channel; the default for image channels is 1/255 so that the network sees
-    [0, 1] intensities while its callers pass the engine's 8-bit-range slices.
-    """
-
-    def __init__(self, scales: Sequence[float]):
-        super().__init__()
-        self.register_buffer("scale", torch.tensor(list(scales), dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.to(dtype=x.dtype)
-
-
-class DenseLayer(nn.Module):
-    """BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k) on the concatenation of all earlier features."""
-
-    def __init__(self, in_ch: int, growth_rate: int, bn_size: int):
-        super().__init__()
-        mid = bn_size * growth_rate
-        self.norm1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
-        self.norm2 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
-
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(features, 1) if len(features) > 1 else features[0]
-        x = self.conv1(F.relu(self.norm1(x)))
-        return self.conv2(F.relu(self.norm2(x)))
-
-
-class DenseBlock(nn.Module):
-    def __init__(self, num_layers: int, in_ch: int, growth_rate: int, bn_size: int):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            DenseLayer(in_ch + i * growth_rate, growth_rate, bn_size) for i in range(num_layers)
-        )
-        self.out_channels = in_ch + num_layers * growth_rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [x]
-        for layer in self.layers:
-            features.append(layer(features))
-        return torch.cat(features, 1)
-
-
-class Transition(nn.Module):
-    """Transition-down: BN-ReLU (its output is the skip feature), Conv1x1 (compression), 2x2 avg-pool."""
-
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.norm = nn.BatchNorm2d(in_ch)
-        self.conv = nn.Conv2d(in_ch, out_ch, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        skip = F.relu(self.norm(x))
-        return skip, F.avg_pool2d(self.conv(skip), 2)
-
-
-class AttentionGate(nn.Module):
-    """Additive attention gate, ``alpha = sigmoid(psi^T ReLU(W_x x + W_g g + b))``, output ``alpha * x``.
-
-    ``W_g g`` is computed at ``g``'s resolution and resampled bilinearly to ``x``'s size (cheaper than
-    resampling ``g`` itself and identical up to the linear map). ``g`` may have the same size as ``x`` (7x7 gate).
-    """
-
-    def __init__(self, x_channels: int, g_channels: int, inter_channels: int):
-        super().__init__()
-        self.w_x = nn.Conv2d(x_channels, inter_channels, 1, bias=False)
-        self.w_g = nn.Conv2d(g_channels, inter_channels, 1, bias=True)  # its bias is b
-        self.psi = nn.Conv2d(inter_channels, 1, 1, bias=True)
-
-    def coefficients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Attention coefficients alpha in [0, 1], shape (N, 1, H_x, W_x)."""
-        theta = self.w_x(x)
-        phi = self.w_g(g)
-        if phi.shape[-2:] != theta.shape[-2:]:
-            phi = F.interpolate(phi, size=theta.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.sigmoid(self.psi(F.relu(theta + phi)))
-
-    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return x * self.coefficients(x, g)
-
-
-def _icnr_(weight: torch.Tensor, scale: int) -> None:
-    """ICNR init: every group of ``scale**2`` sub-pixel output channels starts with the same kernel."""
-    out_ch = weight.shape[0] // (scale * scale)
-    sub = torch.empty((out_ch,) + tuple(weight.shape[1:]), dtype=weight.dtype, device=weight.device)
-    nn.init.kaiming_normal_(sub, mode="fan_out", nonlinearity="relu")
-    with torch.no_grad():
-        weight.copy_(sub.repeat_interleave(scale * scale, dim=0))
-
-
-class SubPixelUp(nn.Module):
-    """x2 upsampling by sub-pixel convolution: Conv3x3(C_in -> 4 C_out), PixelShuffle(2), BN, ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, scale: int = 2):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch * scale * scale, 3, padding=1, bias=False)
-        self.shuffle = nn.PixelShuffle(scale)
-        self.norm = nn.BatchNorm2d(out_ch)
-        _icnr_(self.conv.weight, scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.shuffle(self.conv(x))))
-
-
-class BilinearUp(nn.Module):
-    """Ablation replacement of ``SubPixelUp``: bilinear x2 upsampling, Conv3x3(C_in -> C_out), BN, ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, scale: int = 2):
-        super().__init__()
-        self.scale = scale
-        self.conv = _conv_bn_relu(in_ch, out_ch, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
-        return self.conv(x)
-
-
-def _stage(in_ch: int, out_ch: int, n_convs: int) -> nn.Sequential:
-    layers = [_conv_bn_relu(in_ch, out_ch, 3)]
-    layers += [_conv_bn_relu(out_ch, out_ch, 3) for _ in range(max(0, n_convs - 1))]
-    return nn.Sequential(*layers)
 
 
 class AttentionDenseUNet(nn.Module):
@@ -341,7 +209,7 @@ class AttentionDenseUNet(nn.Module):
         enc_ch = enc_ch[::-1]  # coarse -> fine: 7, 14, 28, 56
 
         # ---- bottleneck projection (gating signal of the 7x7 gate)
-        self.center = _conv_bn_relu(enc_ch[0], dec_ch[0], 1)
+        self.center = conv_bn_relu(enc_ch[0], dec_ch[0], 1)
 
         # ---- attention gates and skip projections, coarse -> fine
         self.gates = nn.ModuleList()
@@ -352,7 +220,7 @@ class AttentionDenseUNet(nn.Module):
                 self.gates.append(AttentionGate(enc_ch[lvl], gating_ch, gate_ch[lvl]))
             else:
                 self.gates.append(nn.Identity())
-            self.skip_proj.append(_conv_bn_relu(enc_ch[lvl], skip_ch[lvl], 1))
+            self.skip_proj.append(conv_bn_relu(enc_ch[lvl], skip_ch[lvl], 1))
 
         # ---- decoder
         Up = SubPixelUp if self.subpixel else BilinearUp
@@ -364,9 +232,9 @@ class AttentionDenseUNet(nn.Module):
             incoming = dec_ch[lvl] + skip_ch[lvl]
             if self.dense_skips:
                 incoming += sum(skip_ch[:lvl])
-            self.stages.append(_stage(incoming, dec_ch[lvl], n_convs))
+            self.stages.append(conv_stage(incoming, dec_ch[lvl], n_convs))
         self.ups.append(Up(dec_ch[3], dec_ch[4]))
-        self.stages.append(_stage(dec_ch[4], dec_ch[4], n_convs))
+        self.stages.append(conv_stage(dec_ch[4], dec_ch[4], n_convs))
         self.ups.append(Up(dec_ch[4], dec_ch[5]))
         self.head = nn.Conv2d(dec_ch[5], 1, 1)
 
@@ -383,7 +251,7 @@ class AttentionDenseUNet(nn.Module):
                 nn.init.zeros_(m.bias)
         for m in self.modules():  # ICNR after the generic pass
             if isinstance(m, SubPixelUp):
-                _icnr_(m.conv.weight, 2)
+                icnr_(m.conv.weight, 2)
         # The head keeps PyTorch's default weight scale (a tiny one makes the logits grow by only ~lr per step:
         # thousands of steps before any pixel is confidently classified), and its output starts at the
         # class's prior probability (Lin et al., focal loss) instead of p = 0.5 everywhere.
@@ -449,35 +317,73 @@ class AttentionDenseUNet(nn.Module):
         return self.head(self.ups[4](d))  # 224: one logit channel
 
 
+class CoarseBranch(nn.Module):
+    """A branch that works at 1/``scale`` of its input's in-plane resolution and answers on the input's grid.
+
+    2×2 (for ``scale`` 2) average pooling, the network, bilinear upsampling of its logit back to the input's size.
+    On a slice of the same pixel count the network sees ``scale``× the field of view in millimetres: the liver branch
+    needs the whole abdomen (liver against spleen, stomach and heart), not a 224 mm tile of it.
+    """
+
+    def __init__(self, net: AttentionDenseUNet, scale: int):
+        super().__init__()
+        self.net, self.scale = net, int(scale)
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.in_channels
+
+    @property
+    def input_scale(self) -> InputScale:
+        return self.net.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logit = self.net(F.avg_pool2d(x, self.scale))
+        return F.interpolate(logit, scale_factor=float(self.scale), mode="bilinear", align_corners=False)
+
+
 class CascadeNet(nn.Module):
     """Liver branch on the 3-slice stack, tumour branch on [stack, sigmoid(liver logit)].
 
-    ``forward(stack)`` with ``stack`` float (N, 3, H, W) in [0, 255] returns ``(liver_logit, tumour_logit)``,
-    both (N, 1, H, W). The liver probability is passed to the tumour branch without detaching, so the cascade is
-    trained end to end as in the paper.
+    ``forward(stack)`` with ``stack`` float (N, 3, H, W) in [0, 255] returns ``(liver_logit, tumour_logit)``.
+    The liver probability is passed to the tumour branch without detaching, so the cascade is trained end to end
+    as in the paper.
+
+    ``liver_scale`` > 1 runs the liver branch at that many times the processing grid's spacing
+    (:class:`CoarseBranch`). In training the stack is then a window ``liver_scale`` times the tile's size: the liver
+    logit covers the whole window (N, 1, H, W), the tumour branch runs on its central tile
+    (N, 1, H / liver_scale, W / liver_scale), as at inference the tumour branch runs on the liver's box only.
     """
 
-    def __init__(self, preset="lite", dense_skips: bool = True, subpixel: bool = True, attention: bool = True):
+    def __init__(self, preset="lite", dense_skips: bool = True, subpixel: bool = True, attention: bool = True,
+                 liver_scale: int = 1):
         super().__init__()
         flags = dict(dense_skips=dense_skips, subpixel=subpixel, attention=attention)
         self.preset_name = preset if isinstance(preset, str) else "custom"
         self.flags = flags
+        self.liver_scale = int(liver_scale)
         # Priors: the liver fills about a tenth of a training tile, tumour about a hundredth.
-        self.liver = AttentionDenseUNet(3, preset, input_scale=(1 / 255.0,) * 3, prior_probability=0.1, **flags)
+        liver = AttentionDenseUNet(3, preset, input_scale=(1 / 255.0,) * 3, prior_probability=0.1, **flags)
+        self.liver = CoarseBranch(liver, self.liver_scale) if self.liver_scale > 1 else liver
         self.tumor = AttentionDenseUNet(4, preset, input_scale=(1 / 255.0,) * 3 + (1.0,), prior_probability=0.01, **flags)
 
     def forward(self, stack: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         liver_logit = self.liver(stack)
         liver_prob = torch.sigmoid(liver_logit).to(stack.dtype)
-        tumor_logit = self.tumor(torch.cat([stack, liver_prob], 1))
-        return liver_logit, tumor_logit
+        tumour_input = torch.cat([stack, liver_prob], 1)
+        if self.liver_scale > 1:
+            height, width = stack.shape[-2] // self.liver_scale, stack.shape[-1] // self.liver_scale
+            y0, x0 = (stack.shape[-2] - height) // 2, (stack.shape[-1] - width) // 2
+            tumour_input = tumour_input[..., y0 : y0 + height, x0 : x0 + width]
+        return liver_logit, self.tumor(tumour_input)
 
-    def branches(self) -> Dict[str, AttentionDenseUNet]:
+    def branches(self) -> Dict[str, nn.Module]:
         return {"liver": self.liver, "tumor": self.tumor}
 
     def branch_inputs(self, size: int = 224) -> Dict[str, Tuple[nn.Module, Tuple[int, ...]]]:
         """Per-branch module and the input shape of one slice (used by the model summary)."""
+        liver_size = size * self.liver_scale
         return {
-            "liver": (self.liver, (1, 3, size, size)),
+            "liver": (self.liver, (1, 3, liver_size, liver_size)),
             "tumor": (self.tumor, (1, 4, size, size)),
         }
