@@ -16,7 +16,7 @@ from LiverTumorSegLib.bundle import load_bundle
 from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.errors import Cancelled
 from LiverTumorSegLib.image_io import Geometry, Image, read_image, write_image
-from LiverTumorSegLib.mrml_nodes import read_segmentation_labels
+from LiverTumorSegLib.seg_nrrd import read_segmentation_labels
 from LiverTumorSegLib.phantoms import generate_phantom
 from LiverTumorSegLib.pipeline import PipelineOptions, segment
 

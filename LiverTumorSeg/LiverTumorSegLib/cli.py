@@ -21,7 +21,8 @@ EXIT_CODES = """exit codes:
   2    bad input image (missing, unreadable, not a 3D CT volume)
   3    output problem (exists without --overwrite; is, holds or lies inside an input; not a previous
        output of livertumorseg; not writable)
-  4    model bundle problem (missing, damaged, unknown version)
+  4    model bundle problem (missing, damaged, unknown version, needs a newer engine; a model download or
+       model index that failed)
   5    requested device not available (e.g. --device cuda without a CUDA-enabled ONNX Runtime)
   64   usage error (unknown option, missing or invalid option value)
   130  cancelled (Ctrl-C or SIGTERM); nothing was written
@@ -64,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    # Imported here: these command families import the shared helpers below from this module.
+    from . import cli_batch, cli_models
 
     seg = commands.add_parser(
         "segment", help="segment a CT volume (file or DICOM folder)", epilog=EXIT_CODES,
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     seg.add_argument("input", type=Path, help="CT image (.nii[.gz], .nrrd, .mha, .mhd) or a DICOM series folder")
     seg.add_argument("-o", "--output", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
+    seg.add_argument("--dicom-seg", action=argparse.BooleanOptionalAction, default=None,
+                     help="also write segmentation.dcm, a DICOM SEG of the input series for PACS (default: on for a "
+                     "DICOM series folder; refused for an image file)")
     _add_run_options(seg)
     seg.set_defaults(run=_segment)
 
@@ -84,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=2027, help="phantom seed (default 2027: an unseen portal-venous case with four tumours)")
     _add_run_options(demo)
     demo.set_defaults(run=_demo)
+    cli_batch.add_command(commands)
 
     phantom = commands.add_parser("phantom", help="write synthetic CT phantoms in LiTS layout")
     phantom.add_argument("--out", type=Path, required=True, help="output folder")
@@ -112,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     plan.add_argument("--overwrite", action="store_true", help="replace a previous plan folder of livertumorseg")
     plan.set_defaults(run=_plan)
+    cli_models.add_commands(commands)
 
     stats = commands.add_parser("phantom-stats", help="print HU mean and std per tissue over generated phantoms")
     stats.add_argument("--count", type=int, default=5)
@@ -123,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, help="model bundle folder (default: the bundled model)")
+    parser.add_argument("--model", metavar="NAME", default=None,
+                        help="a bundled or installed model by name (see 'livertumorseg models list'); not with --bundle")
     parser.add_argument("--series", metavar="UID", default=None,
                         help="SeriesInstanceUID of the DICOM series to read when the input folder holds several")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -172,7 +182,18 @@ def _prepare_run(args, inputs=()):
     check_output_folder(args.output, inputs, overwrite=args.overwrite)
     options = _options(args)
     check_device(options.device)
-    return load_bundle(args.bundle), options
+    return load_bundle(_bundle_path(args)), options
+
+
+def _bundle_path(args):
+    """--bundle DIR, or the folder of the registered model --model NAME (not both); None: the bundled model."""
+    if args.model is None:
+        return args.bundle
+    if args.bundle is not None:
+        raise UsageError("Give either --bundle DIR or --model NAME, not both.")
+    from .model_registry import resolve_model
+
+    return resolve_model(args.model)
 
 
 def _run(args, image, title: str, bundle, options, inputs=()):
@@ -187,12 +208,19 @@ def _run(args, image, title: str, bundle, options, inputs=()):
 
 
 def _segment(args) -> int:
-    from .image_io import read_image
+    from .dicom_seg import find_source_series
+    from .pipeline import segment_input
 
+    if args.dicom_seg and args.input.is_file():
+        raise UsageError(f"--dicom-seg needs a DICOM series folder as input; '{args.input}' is a file. Give the "
+                         "folder of the CT's DICOM series, or leave out --dicom-seg.")
     bundle, options = _prepare_run(args, [args.input])
-    image = read_image(args.input, series=args.series)
-    result, out = _run(args, image, f"Liver and tumour segmentation of {args.input.name}", bundle, options,
-                       inputs=[args.input])
+    source = find_source_series(args.input, args.series) if args.input.is_dir() and args.dicom_seg is not False else None
+    reporter = _ProgressReporter(args.progress)
+    result, out = segment_input(args.input, bundle, options, args.output, series=source.series_uid if source else args.series,
+                                progress=reporter, overwrite=args.overwrite, label_format=args.label_format,
+                                per_lesion=args.per_lesion, dicom_source=source)
+    reporter.close()
     _print_volumetry(result.volumetry)
     print(f"outputs: {out}")
     return 0

@@ -22,11 +22,11 @@ from . import __version__
 from .bundle import CASCADE_KIND, Bundle
 from .cascade import run_cascade
 from .errors import Cancelled, InputError
-from .image_io import Image, atomic_path, from_canonical, to_canonical, write_image
-from .output_folder import (LABELS_FILE, PRODUCER, REPORT_HTML, RUN_JSON, SEGMENTATION_FILE, VOLUMETRY_CSV,
-                            VOLUMETRY_JSON, check_output_folder)
+from .image_io import Image, atomic_path, from_canonical, read_image, to_canonical, write_image
+from .output_folder import (DICOM_SEG_FILE, LABELS_FILE, PRODUCER, REPORT_HTML, RUN_JSON, SEGMENTATION_FILE,
+                            VOLUMETRY_CSV, VOLUMETRY_JSON, check_output_folder)
 from .postprocess import PostprocessOptions, postprocess
-from .preprocess import labels_to_grid, prepare_volume, resample
+from .preprocess import labels_to_grid, prepare_volume, resample_in_plane
 from .volumetry import measure, write_volumetry
 
 log = logging.getLogger("LiverTumorSeg")
@@ -263,8 +263,8 @@ def _segment_with_cascade(canonical, orientation, bundle, options, step, progres
         lesion_probability = None
         if lesion_ids is not None:
             lesion_probability = from_canonical(
-                resample(Image(prepared.uncrop(lesion_ids), prepared.grid), canonical.geometry, canonical.array.shape,
-                         order=0, fill=0).array, orientation,
+                resample_in_plane(prepared.uncrop(lesion_ids), prepared.grid, canonical.geometry, canonical.array.shape,
+                                  order=0, fill=0), orientation,
             ).array
     return labels, lesion_probability
 
@@ -279,39 +279,71 @@ def write_outputs(
     per_lesion: bool = False,
     title: str = "Liver and tumour segmentation",
     inputs: Sequence[str | Path] = (),
+    dicom_source=None,
 ) -> Path:
     """Write all outputs into ``out_dir`` atomically: the folder appears complete or not at all.
 
     ``inputs`` (the files or folders the image was read from) are never replaced: see
     :func:`~LiverTumorSegLib.output_folder.check_output_folder`, which also limits ``overwrite`` to a
-    previous output of this tool.
+    previous output of this tool. ``dicom_source`` (a :class:`~.dicom_seg.SourceSeries`, for DICOM input)
+    adds the DICOM SEG; when the series allows none, a warning says why (also in the report and run.json).
     """
-    from .mrml_nodes import write_segmentation
+    from .dicom_seg import DicomSegUnavailable, write_dicom_seg
     from .report import write_report
+    from .seg_nrrd import write_segmentation
 
+    details = result.details
     out_dir = check_output_folder(out_dir, inputs, overwrite=overwrite)
     with atomic_path(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         write_image(result.labels, tmp / LABELS_FILE[label_format])
-        write_segmentation(result.labels, tmp / SEGMENTATION_FILE, per_lesion=per_lesion, algorithm_name=result.details["bundle"])
+        write_segmentation(result.labels, tmp / SEGMENTATION_FILE, per_lesion=per_lesion, algorithm_name=details["bundle"])
+        if dicom_source is not None:
+            try:
+                write_dicom_seg(result.labels, tmp / DICOM_SEG_FILE, dicom_source, algorithm_version=details["bundle"])
+            except DicomSegUnavailable as reason:
+                log.warning("%s", reason)
+                details = {**details, "warnings": [*details.get("warnings", []), str(reason)]}
         write_volumetry(result.volumetry, tmp / VOLUMETRY_JSON, tmp / VOLUMETRY_CSV)
         write_report(
             tmp / REPORT_HTML, image.array, result.labels.array, image.geometry, result.volumetry,
-            title=title, details=result.details,
+            title=title, details=details,
         )
-        (tmp / RUN_JSON).write_text(json.dumps(result.details, indent=2) + "\n", encoding="utf-8")
+        (tmp / RUN_JSON).write_text(json.dumps(details, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+def segment_input(
+    path: str | Path,
+    bundle: Bundle,
+    options: PipelineOptions,
+    out_dir: str | Path,
+    *,
+    series: str | None = None,
+    progress: Progress | None = None,
+    details: dict | None = None,
+    **write_options,
+) -> tuple[SegmentationResult, Path]:
+    """Read a CT file or DICOM series folder, segment it and write its outputs: ``livertumorseg segment`` for one
+    input (``batch`` runs it once per study). ``details`` are added to ``run.json``; ``write_options`` go to
+    :func:`write_outputs`."""
+    image = read_image(path, series=series)
+    result = segment(image, bundle, options, progress=progress)
+    result.details.update(details or {})
+    out = write_outputs(result, image, out_dir, title=f"Liver and tumour segmentation of {Path(path).name}",
+                        inputs=[path], **write_options)
+    return result, out
 
 
 def _probability_map(labels: np.ndarray, probabilities: dict[int, float]) -> np.ndarray:
     """float32 map holding each kept lesion's classifier probability on its voxels (0 elsewhere).
 
-    ``probabilities`` is keyed by the candidate's index in the original labelling; the kept lesions,
-    labelled again, come in the same order.
+    ``probabilities`` is keyed by the candidate's lesion id in the filter's input (:func:`.masks.label_lesions`);
+    the kept lesions, numbered again, come in the same order.
     """
-    from scipy import ndimage
+    from .masks import label_lesions
 
-    components, count = ndimage.label(labels == 2, structure=np.ones((3, 3, 3)))
+    components, count = label_lesions(labels == 2)
     values = np.zeros(count + 1, np.float32)
     values[1:] = [probabilities[key] for key in sorted(probabilities)][:count]
     return values[components]
