@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "LiverTumorSeg"))
 
 from LiverTumorSegLib import mrml_nodes  # noqa: E402
+from LiverTumorSegLib.masks import label_lesions  # noqa: E402
 from LiverTumorSegLib.image_io import Image, read_image  # noqa: E402
+from LiverTumorSegLib.seg_nrrd import read_segmentation_labels  # noqa: E402
 
 log = logging.getLogger("make_slicer_screenshot")
 
@@ -57,7 +59,7 @@ def load_inputs(ct_path: Path, seg_path: Path | None, labels_path: Path | None) 
     """The CT and a 0/1/2 label map (on the CT's grid for --seg, on its own grid for --labels)."""
     ct = read_image(ct_path)
     if seg_path is not None:
-        labels = ct.with_array(mrml_nodes.read_segmentation_labels(seg_path, ct))
+        labels = ct.with_array(read_segmentation_labels(seg_path, ct))
     else:
         labels = read_image(labels_path, kind="label map")
         array = np.asarray(labels.array)
@@ -81,7 +83,7 @@ def focus_point_ras(labels: Image) -> tuple[np.ndarray, str]:
     liver cross-section; without any segment, the centre of the grid.
     """
     array = np.asarray(labels.array)
-    lesions, count = mrml_nodes.label_lesions(array)
+    lesions, count = label_lesions(array == 2)
     if count:
         mask, what = lesions == 1, f"largest of {count} tumour{'s' if count > 1 else ''}"
     elif (array == 1).any():
@@ -320,7 +322,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     ct, labels = load_inputs(args.ct, args.seg, args.labels)
     focus_ras, focus = focus_point_ras(labels)
-    _, tumour_count = mrml_nodes.label_lesions(np.asarray(labels.array))
+    _, tumour_count = label_lesions(np.asarray(labels.array) == 2)
     loaded = time.perf_counter()
 
     panel = ((args.width - SEPARATOR_PX) // 2, args.height)
