@@ -30,3 +30,14 @@ def test_box_covers_a_second_liver_part_between_the_thresholds_but_not_speckle()
 
 def test_no_liver_gives_no_box():
     assert liver_box(np.zeros((5, 32, 32), bool), multiple=32) is None
+
+
+def test_component_sizes_counted_in_slabs_equal_scipys():
+    from scipy import ndimage
+
+    from LiverTumorSegLib.cascade import _component_sizes
+
+    mask = np.random.default_rng(0).random((37, 40, 50)) > 0.7  # thousands of components, 37 = 2 slabs + 5
+    components, count = ndimage.label(mask)
+    expected = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
+    np.testing.assert_array_equal(_component_sizes(components, count), expected)

@@ -43,20 +43,13 @@ def run_cascade(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (liver, tumour) float32 probability maps on the body crop of ``prepared``.
-
-    Each batch's result goes straight into the maps: beside the input, only the two maps are held, whatever
-    the number of slices.
-    """
+    """Return (liver, tumour) float32 probability maps on the body crop of ``prepared``."""
     offsets = bundle.contract.stack_offsets
     volume = prepared.intensities
-    liver = np.empty(volume.shape, dtype=np.float32)
-
-    def store_liver(batch, result):
-        liver[batch] = result
-
-    _run_branch(bundle.session("liver", device=device, threads=threads), volume, offsets, batch_size,
-                "liver network", progress, cancel, store_liver)
+    liver = _run_branch(
+        bundle.session("liver", device=device, threads=threads), volume, None,
+        np.arange(volume.shape[0]), offsets, batch_size, "liver network", progress, cancel,
+    )
     tumour = np.zeros_like(liver)
     box = liver_box(liver > LIVER_BOX_PROBABILITY, bundle.contract.spatial_multiple)
     if box is None:
@@ -64,20 +57,15 @@ def run_cascade(
             progress("tumour network", 1.0)
         return liver, tumour
     zs, ys, xs = box
-    # The box may reach past the crop (grown to the networks' multiple): inputs are padded, and only the part
-    # inside the crop is kept.
+    sub_volume = crop_padded(volume[zs], (ys, xs))
+    sub_liver = crop_padded(liver[zs], (ys, xs))
+    sub_tumour = _run_branch(
+        bundle.session("tumour", device=device, threads=threads), sub_volume, sub_liver,
+        np.arange(sub_volume.shape[0]), offsets, batch_size, "tumour network", progress, cancel,
+    )
     y_in = slice(max(ys.start, 0), min(ys.stop, volume.shape[1]))
     x_in = slice(max(xs.start, 0), min(xs.stop, volume.shape[2]))
-    inside = (slice(y_in.start - ys.start, y_in.stop - ys.start), slice(x_in.start - xs.start, x_in.stop - xs.start))
-
-    def liver_channel(batch):
-        return crop_padded(liver[zs.start + batch], (ys, xs))
-
-    def store_tumour(batch, result):
-        tumour[zs.start + batch, y_in, x_in] = result[(slice(None), *inside)]
-
-    _run_branch(bundle.session("tumour", device=device, threads=threads), crop_padded(volume[zs], (ys, xs)),
-                offsets, batch_size, "tumour network", progress, cancel, store_tumour, liver_channel)
+    tumour[zs, y_in, x_in] = sub_tumour[:, y_in.start - ys.start : y_in.stop - ys.start, x_in.start - xs.start : x_in.stop - xs.start]
     return liver, tumour
 
 
@@ -90,7 +78,7 @@ def liver_box(mask: np.ndarray, multiple: int) -> tuple[slice, slice, slice] | N
     components, count = ndimage.label(mask)
     if count == 0:
         return None
-    sizes = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
+    sizes = _component_sizes(components, count)
     kept = (sizes >= LIVER_BOX_MIN_VOXELS) | (sizes == sizes.max())
     boxes = [box for box, keep in zip(ndimage.find_objects(components), kept) if keep]
     z, y, x = (slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes)) for axis in range(3))
@@ -100,20 +88,27 @@ def liver_box(mask: np.ndarray, multiple: int) -> tuple[slice, slice, slice] | N
     return zs, ys, xs
 
 
-def _run_branch(session, volume, offsets, batch_size, stage, progress, cancel,
-                store: Callable[[np.ndarray, np.ndarray], None],
-                extra_channel: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-    """Run a branch on every slice of ``volume`` in batches: ``store(slice indices, probabilities)`` per batch;
-    ``extra_channel(slice indices)`` gives a 4th input channel (the tumour branch's liver probability)."""
+def _component_sizes(components: np.ndarray, count: int, slices: int = 16) -> np.ndarray:
+    """Voxel counts of components 1..count, counted a few slices at a time: scipy's ``sum_labels`` and one
+    whole-volume ``bincount`` copy the label map as 64-bit values (gigabytes on a long scan)."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for first in range(0, components.shape[0], slices):
+        sizes += np.bincount(components[first:first + slices].ravel(), minlength=count + 1)
+    return sizes[1:]
+
+
+def _run_branch(session, volume, liver_prob, z_indices, offsets, batch_size, stage, progress, cancel) -> np.ndarray:
     input_name = session.get_inputs()[0].name
-    total = volume.shape[0]
+    out = np.empty(volume.shape, dtype=np.float32)
+    total = len(z_indices)
     for start in range(0, total, batch_size):
         if cancel and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
-        batch = np.arange(start, min(start + batch_size, total))
+        batch = z_indices[start : start + batch_size]
         stacks = slice_stacks(volume, batch, offsets)
-        if extra_channel is not None:
-            stacks = np.concatenate([stacks, extra_channel(batch)[:, None]], axis=1)
-        store(batch, session.run(None, {input_name: stacks})[0][:, 0])
+        if liver_prob is not None:
+            stacks = np.concatenate([stacks, liver_prob[batch][:, None]], axis=1)
+        out[batch] = session.run(None, {input_name: stacks})[0][:, 0]
         if progress:
             progress(stage, min(1.0, (start + len(batch)) / total))
+    return out
