@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .errors import BundleError
-from .process import (FORCE_KILL_AFTER_SECONDS, EngineProcess, ProgressCallback, RunOutcome, engine_errors,
+from .process import (EngineProcess, ProgressCallback, RunOutcome, engine_errors,
                       parse_progress_line)
 
 log = logging.getLogger("LiverTumorSeg")
@@ -111,7 +111,6 @@ class ModelDownload:
         self.name = name
         self.progress = progress
         self.fraction = 0.0
-        self.cancel_requested_at: Optional[float] = None
         self.started_at = time.monotonic()
         self.engine = EngineProcess([python_executable] + download_command_arguments(name), environment,
                                     working_directory)
@@ -127,10 +126,9 @@ class ModelDownload:
                     log.info("%s", line)
                 continue
             self.fraction = max(self.fraction, record["fraction"])
-            if self.progress is not None and self.cancel_requested_at is None:
+            if self.progress is not None and self.engine.cancel_requested_at is None:
                 self.progress(self.fraction, f"Downloading {self.name}: {self.fraction:.0%}", DOWNLOAD_STAGE)
-        if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > FORCE_KILL_AFTER_SECONDS:
-            self.engine.terminate(force=True)
+        self.engine.kill_if_cancel_overdue()
         return self.engine.is_finished()
 
     def wait(self, timeout: Optional[float] = None) -> RunOutcome:
@@ -142,9 +140,7 @@ class ModelDownload:
 
     def cancel(self) -> None:
         """Ask the download to stop (SIGTERM: the command line stops and installs nothing)."""
-        if self.cancel_requested_at is None:
-            self.cancel_requested_at = time.monotonic()
-            self.engine.terminate()
+        self.engine.cancel()
 
     def finish(self) -> RunOutcome:
         """How the ended download went: "completed", "cancelled" or "failed" with the message for the user."""
@@ -153,7 +149,7 @@ class ModelDownload:
         outcome = RunOutcome("failed", code, output=lines, elapsed_seconds=time.monotonic() - self.started_at)
         if code == 0:  # also when a cancel came too late to stop it
             outcome.status, outcome.message = "completed", f"The model '{self.name}' is installed."
-        elif self.cancel_requested_at is not None:
+        elif self.engine.cancel_requested_at is not None:
             outcome.status = "cancelled"
             outcome.message = (f"The download of '{self.name}' was cancelled; nothing was installed. Downloading it "
                                "again resumes where it stopped.")

@@ -204,6 +204,7 @@ class EngineProcess:
         self._queue: queue.Queue = queue.Queue()
         self._output_ended = False
         self._exit_seen_at = None
+        self.cancel_requested_at: Optional[float] = None
 
     def start(self) -> None:
         options = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT,
@@ -272,6 +273,18 @@ class EngineProcess:
             log.debug("stopping the process: %s", error)
 
 
+    def cancel(self) -> None:
+        """Ask the process to stop (SIGTERM to its group), once; :meth:`kill_if_cancel_overdue` then kills it."""
+        if self.cancel_requested_at is None:
+            self.cancel_requested_at = time.monotonic()
+            self.terminate()
+
+    def kill_if_cancel_overdue(self) -> None:
+        """SIGKILL a cancelled process still running :data:`FORCE_KILL_AFTER_SECONDS` after the cancel."""
+        if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > FORCE_KILL_AFTER_SECONDS:
+            self.terminate(force=True)
+
+
 @dataclass
 class RunOutcome:
     """How a run ended: ``status`` "completed", "cancelled" or "failed", with the message for the user."""
@@ -320,7 +333,6 @@ class EngineRun:
         command = [python_executable] + engine_command_arguments(self.input_path, self.output_folder, **options)
         self.engine = EngineProcess(command, environment, working_directory)
         self.progress = 0.0
-        self.cancel_requested_at: Optional[float] = None
         self.started_at = time.monotonic()
 
     def start(self) -> None:
@@ -344,10 +356,9 @@ class EngineRun:
                     log.info("%s", line)
                 continue
             self.progress = overall_progress(record["stage"], record["fraction"], self.progress)
-            if progress is not None and self.cancel_requested_at is None:
+            if progress is not None and self.engine.cancel_requested_at is None:
                 progress(self.progress, progress_text(record["stage"], record["fraction"]), record["stage"])
-        if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > FORCE_KILL_AFTER_SECONDS:
-            self.engine.terminate(force=True)
+        self.engine.kill_if_cancel_overdue()
 
     def is_finished(self) -> bool:
         return self.engine.is_finished()
@@ -355,7 +366,7 @@ class EngineRun:
     def wait(self, progress: Optional[ProgressCallback] = None, timeout: Optional[float] = None) -> RunOutcome:
         """Poll until the run ends (cancelled after ``timeout`` seconds); return its outcome."""
         while not self.is_finished():
-            if timeout is not None and self.elapsed_seconds > timeout and self.cancel_requested_at is None:
+            if timeout is not None and self.elapsed_seconds > timeout and self.engine.cancel_requested_at is None:
                 self.cancel()
             self.poll(progress, timeout=0.2)
         self.poll(progress)
@@ -363,16 +374,14 @@ class EngineRun:
 
     def cancel(self) -> None:
         """Ask the engine to stop (it writes nothing after a cancel); the next polls kill it if it does not."""
-        if self.cancel_requested_at is None:
-            self.cancel_requested_at = time.monotonic()
-            self.engine.terminate()
+        self.engine.cancel()
 
     def outcome(self) -> RunOutcome:
         """How the finished run ended."""
         lines, code = list(self.engine.lines), self.engine.return_code
         outcome = RunOutcome("failed", code, warnings=engine_warnings(lines), output=lines,
                              elapsed_seconds=self.elapsed_seconds)
-        if self.cancel_requested_at is not None:
+        if self.engine.cancel_requested_at is not None:
             outcome.status, outcome.message = "cancelled", "The segmentation was cancelled; nothing was written."
         elif code != 0:
             outcome.message = engine_error_message(lines, code)
