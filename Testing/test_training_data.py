@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.image_io import Geometry, Image, write_image
 from LiverTumorSegLib.preprocess import InputContract
-from livertumorseg_training.datasets import find_cases, kfold_split, load_case
+from livertumorseg_training.datasets import find_cases, find_cases_in, kfold_split, load_case
 from livertumorseg_training.slices import TileSampler, prepare_slices, select_slices
 
 GEOMETRY = Geometry((2.0, 2.0, 3.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -38,6 +38,25 @@ def test_lits_layout(tmp_path):
     assert [c.case_id for c in cases] == ["lits-0", "lits-1", "lits-10"]
     image, labels = load_case(cases[2])
     assert image.array.shape == labels.shape and set(np.unique(labels)) == {0, 1, 2}
+
+
+def _lits_folder(folder, numbers):
+    for n in numbers:
+        ct, labels = _case(n)
+        write_image(Image(ct, GEOMETRY), folder / f"volume-{n}.nii.gz")
+        write_image(Image(labels, GEOMETRY), folder / f"segmentation-{n}.nii.gz")
+    return folder
+
+
+def test_several_training_folders_keep_their_cases_apart(tmp_path):
+    procedural = _lits_folder(tmp_path / "procedural", (0, 1))
+    anatomy = _lits_folder(tmp_path / "anatomy", (0,))
+    assert list(find_cases_in([procedural])) == ["lits-0", "lits-1"]
+    cases = find_cases_in([procedural, anatomy])
+    assert sorted(cases) == ["anatomy/lits-0", "procedural/lits-0", "procedural/lits-1"]
+    assert cases["anatomy/lits-0"].image == anatomy / "volume-0.nii.gz"
+    with pytest.raises(InputError, match="different names"):
+        find_cases_in([procedural, tmp_path / "other" / "procedural"])
 
 
 def test_msd_layout(tmp_path):

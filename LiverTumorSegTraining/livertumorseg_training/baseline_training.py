@@ -43,7 +43,7 @@ from LiverTumorSegLib.image_io import Image, to_canonical
 from LiverTumorSegLib.masks import bounding_box
 
 from .baseline_losses import AdvancedComboLoss, E2NetStage1Loss, E2NetStage2Loss, HDenseUNetLoss, e2net_targets
-from .datasets import find_cases, kfold_split, load_case
+from .datasets import find_cases_in, kfold_split, load_case
 from .networks import build_model
 from .slices import jitter_hu
 from .train import _device, _progress, plot_history, seed_everything
@@ -54,7 +54,7 @@ BASELINE_MODELS = ("unet3d", "hdenseunet", "e2net")
 @dataclass
 class BaselineConfig:
     model: str
-    data: str
+    data: str | list[str]  # one dataset folder or several
     out: str
     preset: str = "lite"
     folds: int = 1
@@ -300,7 +300,7 @@ def train_baseline(config: BaselineConfig, log=print) -> Path:
     device = _device(config, 0)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    cases = {case.case_id: case for case in find_cases(config.data)}
+    cases = find_cases_in(config.data)
     split = kfold_split(sorted(cases), config.folds, config.fold, config.validation_cases, config.seed)
     started = time.perf_counter()
     train = load_volumes(split["train"], cases, config.seed)

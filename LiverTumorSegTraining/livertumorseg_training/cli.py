@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train = commands.add_parser("train", help="train the cascade on a dataset (LiTS, MSD Task03 or 3D-IRCADb layout)",
                                 description="Runs under torchrun for DDP: torchrun --nproc_per_node N -m livertumorseg_training.cli train ...")
-    train.add_argument("--data", required=True, help="dataset folder")
+    train.add_argument("--data", required=True, nargs="+", help="dataset folder(s); several are trained on together")
     train.add_argument("--out", required=True, help="run folder (checkpoints, history.jsonl, loss_curve.png)")
     train.add_argument("--model", default="cascade", choices=("cascade", "unet3d", "hdenseunet", "e2net"),
                        help="the proposed cascade, or a seed baseline trained with its published recipe "

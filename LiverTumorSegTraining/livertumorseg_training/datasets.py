@@ -53,6 +53,21 @@ def find_cases(root: str | Path) -> list[Case]:
     return cases
 
 
+def find_cases_in(folders: str | Path | list) -> dict[str, Case]:
+    """The cases of one or several dataset folders by id. With several folders each id is prefixed with its
+    folder's name (``phantoms-train/lits-3``), since two LiTS folders both number their cases from 0."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    names = [Path(folder).name for folder in folders]
+    if len(set(names)) < len(names):
+        raise InputError(f"Training folders must have different names to tell their cases apart: {', '.join(map(str, folders))}.")
+    cases = {}
+    for folder, name in zip(folders, names):
+        for case in find_cases(folder):
+            key = case.case_id if len(folders) == 1 else f"{name}/{case.case_id}"
+            cases[key] = case
+    return cases
+
+
 def _natural(text: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 

@@ -34,6 +34,11 @@ BRANCHES = {
 }
 
 
+def _folder_names(data) -> str:
+    """The training folder's name, or the names of several joined by ", "."""
+    return ", ".join(Path(folder).name for folder in ([data] if isinstance(data, (str, Path)) else data))
+
+
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """The cascade of a training checkpoint (our own ``best.pt``/``last.pt``) and the checkpoint dict."""
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -88,7 +93,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, *, name: str, ver
             "components": components,
             "thresholds": {"otsu": "per volume and channel on 8-bit probabilities", "restore_probability": 0.6},
             "training": {
-                "data": Path(config["data"]).name,
+                "data": _folder_names(config["data"]),
                 "data_sources": list(data_sources or []),  # where each kind of training data comes from, its licence
                 "split": state.get("split"),
                 "epochs_run": state["epoch"] + 1,
@@ -175,7 +180,7 @@ def export_baseline_bundle(state: dict, out_dir: str | Path, *, name: str, versi
                       "parameters": {c: sum(p.numel() for p in m.parameters()) for c, (m, *_) in parts.items()}},
             "input": model.input_contract,
             "components": components,
-            "training": {"data": Path(config["data"]).name, "split": state["split"], "epochs_run": state["epochs_run"],
+            "training": {"data": _folder_names(config["data"]), "split": state["split"], "epochs_run": state["epochs_run"],
                          "config": {k: v for k, v in config.items() if k not in ("data", "out")}},
             "metrics": {"validation_loss": state.get("validation", {})},
             "onnx_max_abs_difference": differences,

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.preprocess import InputContract
 
-from .datasets import find_cases, kfold_split, load_case
+from .datasets import find_cases, find_cases_in, kfold_split, load_case
 from .losses import CascadeLoss
 from .networks import build_model
 from .slices import SliceSet, TileSampler, prepare_slices
@@ -42,7 +42,7 @@ from .slices import SliceSet, TileSampler, prepare_slices
 
 @dataclass
 class TrainConfig:
-    data: str
+    data: str | list[str]  # one dataset folder or several
     out: str
     preset: str = "lite"
     dense_skips: bool = True
@@ -154,7 +154,7 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    cases = {case.case_id: case for case in find_cases(config.data)}
+    cases = find_cases_in(config.data)
     split = kfold_split(sorted(cases), config.folds, config.fold, config.validation_cases, config.seed)
     contract = InputContract.from_dict(config.contract)
     real_cases, real_train = real_training_split(config)
