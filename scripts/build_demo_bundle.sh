@@ -1,35 +1,59 @@
 #!/usr/bin/env bash
-# Rebuild the bundled model (LiverTumorSeg/LiverTumorSegLib/models/LiverTumorSeg-demo) from scratch:
-# synthetic phantoms + real 8-bit CT scans → lite cascade → ONNX bundle → radiomics lesion classifier.
-# CPU only, about 2 hours on 2 cores. Everything is seeded; run from the repository root after the README's
-# test set-up, with the project's shared data folder beside the repository (SHARED, default ../shared).
-# Resumable: rerunning after an interruption keeps the phantoms and continues training from runs/demo/last.pt.
+# Rebuild the bundled model (LiverTumorSeg/LiverTumorSegLib/models/LiverTumorSeg-demo) from scratch, in two stages:
+#   1. the lite cascade on procedural phantoms + six real 8-bit CT scans (1 mm liver branch), MINUTES (115);
+#   2. fine-tuning from stage 1 with the liver branch at 2 mm (a 448 mm window: the whole abdomen as context)
+#      and phantoms painted on real anatomy (the label bank) added, FINE_TUNE_MINUTES (100).
+# Then the ONNX bundle. CPU only, about 3.7 hours on 2 cores. Everything is seeded; run from the repository root
+# after the README's test set-up, with the project's shared data folder beside the repository (SHARED, default
+# ../shared). Resumable: rerunning after an interruption keeps the data and continues the running stage from its
+# last.pt; a finished stage is not run again. (Bundle 0.4.0 was fine-tuned from the weights of bundle 0.3.0,
+# which stage 1 trains the same way; with RUNS/demo/best.pt and RUNS/demo/done already present, stage 1 is skipped.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 RUNS=${RUNS:-runs}
 SHARED=${SHARED:-../shared}
 MINUTES=${MINUTES:-115}
+FINE_TUNE_MINUTES=${FINE_TUNE_MINUTES:-100}
 BUNDLE=LiverTumorSeg/LiverTumorSegLib/models/LiverTumorSeg-demo
+REAL=(--real-data "$SHARED/data/real-train" --real-holdout mahler06 mahler07)
 
-# 32 full-size training phantoms (6 of them drawn for validation: best checkpoint and early stopping).
+# 32 full-size procedural phantoms (seed 1000) and 32 phantoms painted on real label maps (seed 5000; the label
+# bank's ircad01, the real validation CT, is never used). Six of the 64 are drawn for validation (best checkpoint,
+# early stopping).
 if [ ! -f "$RUNS/phantoms-train/segmentation-31.nii.gz" ]; then
   "$BIN/livertumorseg" phantom --out "$RUNS/phantoms-train" --count 32 --size full --seed 1000 --overwrite
 fi
+"$BIN/livertumorseg-train" synth-phantoms --label-bank "$SHARED/data/label-bank" --out "$RUNS/synth-train" \
+  --count 32 --seed 5000 --size full
 
-# The cascade: lite preset on the phantoms plus six of the eight real 8-bit scans (their HU window redrawn per
-# tile, scale augmentation for their unknown spacing). mahler06 and mahler07 are the real validation scans:
-# never trained on and not used to choose the checkpoint.
-RESUME=()
-[ -f "$RUNS/demo/last.pt" ] && RESUME=(--resume)
-"$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" --out "$RUNS/demo" --preset lite --folds 1 \
-  --validation-cases 6 --augment --batch-size 8 --time-limit-minutes "$MINUTES" --seed 0 \
-  --real-data "$SHARED/data/real-train" --real-holdout mahler06 mahler07 --real-slices-per-volume 80 "${RESUME[@]}"
-"$BIN/livertumorseg-train" export --checkpoint "$RUNS/demo/best.pt" --out "$BUNDLE" --overwrite \
-  --name LiverTumorSeg-demo --version 0.3.0 --licence Apache-2.0 \
-  --description "Research model trained on synthetic CT phantoms and six real 8-bit CT scans; not for clinical use." \
-  --data-source "32 procedural synthetic CT phantoms (livertumorseg phantom --seed 1000; 26 trained on, 6 for validation)" \
-  --data-source "6 real contrast-enhanced CT scans, 8-bit windowed (mahler00-05) from the public repository MahlerTom/UnetLiverSegmentation (data/train); their source and licence are not stated; research use only; mahler06 and mahler07 held out"
+# Stage 1. The real scans' HU window is redrawn per tile, with scale augmentation for their unknown spacing.
+# mahler06 and mahler07 are the real validation scans: never trained on and not used to choose a checkpoint.
+if [ ! -f "$RUNS/demo/done" ]; then
+  RESUME=(); [ -f "$RUNS/demo/last.pt" ] && RESUME=(--resume)
+  "$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" --out "$RUNS/demo" --preset lite --folds 1 \
+    --validation-cases 6 --augment --batch-size 8 --time-limit-minutes "$MINUTES" --seed 0 \
+    "${REAL[@]}" --real-slices-per-volume 80 "${RESUME[@]}"
+  touch "$RUNS/demo/done"
+fi
+
+# Stage 2.
+if [ ! -f "$RUNS/demo-coarse/done" ]; then
+  RESUME=(); [ -f "$RUNS/demo-coarse/last.pt" ] && RESUME=(--resume)
+  "$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" "$RUNS/synth-train" --out "$RUNS/demo-coarse" \
+    --init-from "$RUNS/demo/best.pt" --liver-scale 2 --preset lite --folds 1 --validation-cases 6 --augment \
+    --batch-size 8 --time-limit-minutes "$FINE_TUNE_MINUTES" --seed 0 "${REAL[@]}" --real-slices-per-volume 120 \
+    "${RESUME[@]}"
+  touch "$RUNS/demo-coarse/done"
+fi
+
+"$BIN/livertumorseg-train" export --checkpoint "$RUNS/demo-coarse/best.pt" --out "$BUNDLE" --overwrite \
+  --name LiverTumorSeg-demo --version 0.4.0 --licence Apache-2.0 \
+  --description "Research model trained on synthetic CT phantoms (procedural and painted on real anatomy) and six real 8-bit CT scans; not for clinical use." \
+  --data-source "32 procedural synthetic CT phantoms (livertumorseg phantom --seed 1000)" \
+  --data-source "32 synthetic CT phantoms painted on real label maps (livertumorseg-train synth-phantoms --seed 5000) from the label bank: 3D-IRCADb-01 (CC BY-NC-ND 4.0; patient 1 excluded), FLARE22, WORD (GPL-3.0), AMOS, AbdomenAtlas" \
+  --data-source "6 real contrast-enhanced CT scans, 8-bit windowed (mahler00-05) from the public repository MahlerTom/UnetLiverSegmentation (data/train); their source and licence are not stated; research use only; mahler06 and mahler07 held out" \
+  --data-source "6 of the 64 phantoms held out for validation (checkpoint choice)"
 
 # The radiomics lesion classifier is not in this bundle: carried over from bundle 0.2.0 (random forest on 12
 # radiomic features, trained on 48 phantoms) it left held-out real tumour Dice unchanged (0.606 → 0.606, per-case
