@@ -247,3 +247,13 @@ def test_a_coarse_liver_branch_gets_a_window_liver_scale_times_the_tile_and_the_
     np.testing.assert_array_equal(liver[0], labels[16:80, 8:72] >= 1)  # window rows 48−32…48+32, cols 40−32…40+32
     np.testing.assert_array_equal(tumour[0], labels[32:64, 24:56] == 2)  # its centre 32 px: the inner tumour only
     assert tumour.sum() == 36
+
+
+def test_a_bundle_trained_on_several_folders_gives_each_folder_its_own_cases():
+    from livertumorseg_training.cli import bundle_cases_in
+
+    recorded = ["procedural/lits-0", "anatomy/lits-0", "procedural/lits-7"]
+    assert bundle_cases_in(recorded, "runs/procedural") == ["lits-0", "lits-7"]
+    assert bundle_cases_in(recorded, "runs/anatomy/") == ["lits-0"]
+    assert bundle_cases_in(recorded, "runs/other") == []
+    assert bundle_cases_in(["lits-0", "lits-3"], "runs/procedural") == ["lits-0", "lits-3"]  # one-folder bundles

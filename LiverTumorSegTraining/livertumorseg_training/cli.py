@@ -215,8 +215,15 @@ def _training_cases(args) -> list[str] | None:
     from LiverTumorSegLib.bundle import load_bundle
 
     split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
-    cases = list(split.get("train", [])) + list(split.get("validation", []))
-    return cases or None
+    return bundle_cases_in(list(split.get("train", [])) + list(split.get("validation", [])), args.data) or None
+
+
+def bundle_cases_in(cases: list[str], folder: str) -> list[str]:
+    """A bundle's recorded case ids that belong to ``folder``. A model trained on several folders records its
+    ids as ``FOLDER/ID``: those of this folder lose the prefix, the others are left out."""
+    name = Path(folder).name
+    return [case.split("/", 1)[1] if "/" in case else case for case in cases
+            if "/" not in case or case.split("/", 1)[0] == name]
 
 
 def _lesion_classifier(args) -> int:
@@ -237,8 +244,8 @@ def _boundary_cnn(args) -> int:
     from .boundary_training import export_boundary_cnn, train_boundary_cnn, tune_refinement
 
     split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
-    cases = args.cases or list(split.get("train", [])) or None
-    validation = None if args.cases else (list(split.get("validation", [])) or None)
+    cases = args.cases or bundle_cases_in(list(split.get("train", [])), args.data) or None
+    validation = None if args.cases else (bundle_cases_in(list(split.get("validation", [])), args.data) or None)
     result = train_boundary_cnn(
         args.data, args.out, preset=args.preset, patch=args.patch, samples_per_class=args.samples_per_class,
         cases=cases, validation_cases=validation, seed=args.seed, epochs_adam=args.epochs_adam,
