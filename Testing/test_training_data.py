@@ -250,7 +250,7 @@ def test_a_coarse_liver_branch_gets_a_window_liver_scale_times_the_tile_and_the_
 
 
 def test_a_bundle_trained_on_several_folders_gives_each_folder_its_own_cases():
-    from livertumorseg_training.cli import bundle_cases_in
+    from livertumorseg_training.datasets import bundle_cases_in
 
     recorded = ["procedural/lits-0", "anatomy/lits-0", "procedural/lits-7"]
     assert bundle_cases_in(recorded, "runs/procedural") == ["lits-0", "lits-7"]

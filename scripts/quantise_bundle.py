@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -99,8 +98,7 @@ def main(argv=None) -> int:
             source = bundle.file(component)
             prepared, target = Path(tmp) / f"pre-{source.name}", Path(tmp) / source.name
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-            quantize_static(str(prepared), str(target), StackReader(session.get_inputs()[0].name, inputs),
+            quantize_static(str(prepared), str(target), StackReader(bundle.component(component)["input"], inputs),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=METHODS[args.method])
             files[source.name] = target

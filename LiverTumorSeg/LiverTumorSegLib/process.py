@@ -272,7 +272,6 @@ class EngineProcess:
         except OSError as error:  # ProcessLookupError, PermissionError: it ended meanwhile
             log.debug("stopping the process: %s", error)
 
-
     def cancel(self) -> None:
         """Ask the process to stop (SIGTERM to its group), once; :meth:`kill_if_cancel_overdue` then kills it."""
         if self.cancel_requested_at is None:

@@ -214,16 +214,10 @@ def _training_cases(args) -> list[str] | None:
         return args.cases
     from LiverTumorSegLib.bundle import load_bundle
 
+    from .datasets import bundle_cases_in
+
     split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
     return bundle_cases_in(list(split.get("train", [])) + list(split.get("validation", [])), args.data) or None
-
-
-def bundle_cases_in(cases: list[str], folder: str) -> list[str]:
-    """A bundle's recorded case ids that belong to ``folder``. A model trained on several folders records its
-    ids as ``FOLDER/ID``: those of this folder lose the prefix, the others are left out."""
-    name = Path(folder).name
-    return [case.split("/", 1)[1] if "/" in case else case for case in cases
-            if "/" not in case or case.split("/", 1)[0] == name]
 
 
 def _lesion_classifier(args) -> int:
@@ -242,6 +236,7 @@ def _boundary_cnn(args) -> int:
     from LiverTumorSegLib.bundle import load_bundle
 
     from .boundary_training import export_boundary_cnn, train_boundary_cnn, tune_refinement
+    from .datasets import bundle_cases_in
 
     split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
     cases = args.cases or bundle_cases_in(list(split.get("train", [])), args.data) or None

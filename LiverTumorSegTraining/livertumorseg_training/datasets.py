@@ -56,7 +56,7 @@ def find_cases(root: str | Path) -> list[Case]:
 def find_cases_in(folders: str | Path | list) -> dict[str, Case]:
     """The cases of one or several dataset folders by id. With several folders each id is prefixed with its
     folder's name (``phantoms-train/lits-3``), since two LiTS folders both number their cases from 0."""
-    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    folders = folder_list(folders)
     names = [Path(folder).name for folder in folders]
     if len(set(names)) < len(names):
         raise InputError(f"Training folders must have different names to tell their cases apart: {', '.join(map(str, folders))}.")
@@ -66,6 +66,19 @@ def find_cases_in(folders: str | Path | list) -> dict[str, Case]:
             key = case.case_id if len(folders) == 1 else f"{name}/{case.case_id}"
             cases[key] = case
     return cases
+
+
+def folder_list(data: str | Path | list) -> list:
+    """A training configuration's ``data``, one folder or several, as a list of folders."""
+    return [data] if isinstance(data, (str, Path)) else list(data)
+
+
+def bundle_cases_in(cases: list[str], folder: str | Path) -> list[str]:
+    """A bundle's recorded case ids that belong to ``folder``. A model trained on several folders records its
+    ids as ``FOLDER/ID`` (:func:`find_cases_in`): those of this folder lose the prefix, the others are left out."""
+    name = Path(folder).name
+    return [case.split("/", 1)[1] if "/" in case else case for case in cases
+            if "/" not in case or case.split("/", 1)[0] == name]
 
 
 def _natural(text: str):

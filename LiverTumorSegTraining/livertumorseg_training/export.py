@@ -19,6 +19,7 @@ from LiverTumorSegLib import __version__ as engine_version
 from LiverTumorSegLib.bundle import Bundle, write_bundle
 from LiverTumorSegLib.model_registry import NOT_STATED
 
+from .datasets import folder_list
 from .networks import build_model
 from .onnx_export import check_onnx_matches_torch, export_branch_onnx, export_onnx
 
@@ -36,7 +37,7 @@ BRANCHES = {
 
 def _folder_names(data) -> str:
     """The training folder's name, or the names of several joined by ", "."""
-    return ", ".join(Path(folder).name for folder in ([data] if isinstance(data, (str, Path)) else data))
+    return ", ".join(Path(folder).name for folder in folder_list(data))
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
