@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.preprocess import InputContract
 
+from .bundle_weights import calibration_batch, initialise_from_bundle, is_bundle
 from .datasets import find_cases, find_cases_in, kfold_split, load_case
 from .losses import CascadeLoss
 from .networks import build_model
@@ -173,7 +174,10 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     model = build_model("cascade", config.preset, dense_skips=config.dense_skips, subpixel=config.subpixel,
                         attention=config.attention, liver_scale=config.liver_scale).to(device)
     if config.init_from and not (config.resume and (out / "last.pt").exists()):
-        initialise_from(model, config.init_from)
+        if is_bundle(config.init_from):
+            initialise_from_bundle(model, config.init_from, calibration_batch(train_sampler))
+        else:
+            initialise_from(model, config.init_from)
         if is_main:
             log(f"weights initialised from {config.init_from}")
     if config.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and on tensor-core GPUs
