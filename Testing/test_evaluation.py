@@ -236,3 +236,21 @@ def test_bad_inputs_are_refused_before_any_work(evaluated, workspace):
     with pytest.raises(InputError, match="unique"):
         run_evaluate(_parse([*base, "--bundle", f"proposed={w['other']}", "--out", w["root"] / "x"]))
     assert not (w["root"] / "x").exists()
+
+
+def test_a_split_recorded_with_folder_prefixes_selects_the_cases_of_the_given_folder(workspace):
+    """A model trained on several folders records FOLDER/ID; --split takes the ids of the --data folder given."""
+    from livertumorseg_training.evaluation.plan import EvaluationConfig, select_cases
+
+    w = workspace
+    split = {"validation": ["data/lits-1", "elsewhere/lits-0", "data/lits-2"], "train": ["elsewhere/lits-3"],
+             "real_holdout": ["lits-0"]}
+    bundle = load_bundle(_bundle(w["root"] / "prefixed", "tiny-prefixed", 75.0,
+                                 {"dense_skips": True, "subpixel": True, "attention": True}, split=split))
+    chosen, selection = select_cases(EvaluationConfig([], w["data"], w["root"] / "x", split="validation"), bundle)
+    assert [case.case_id for case in chosen] == ["lits-1", "lits-2"]
+    assert selection == "the 'validation' split recorded in the bundle tiny-prefixed 1.0"
+    chosen, _ = select_cases(EvaluationConfig([], w["data"], w["root"] / "x", split="real_holdout"), bundle)
+    assert [case.case_id for case in chosen] == ["lits-0"]
+    with pytest.raises(InputError, match="belongs to the --data folder"):
+        select_cases(EvaluationConfig([], w["data"], w["root"] / "x", split="train"), bundle)

@@ -14,7 +14,7 @@ from pathlib import Path
 from LiverTumorSegLib.bundle import Bundle, load_bundle
 from LiverTumorSegLib.errors import InputError
 
-from ..datasets import Case, find_cases
+from ..datasets import Case, bundle_cases_in, find_cases
 
 log = logging.getLogger("LiverTumorSeg")
 
@@ -192,7 +192,16 @@ def select_cases(config: EvaluationConfig, full: Bundle) -> tuple[list[Case], st
                 f"--split {config.split}: the bundle '{full.path}' records no '{config.split}' cases in its manifest "
                 "(training → split). List the cases with --cases or --cases-file instead."
             )
-        wanted, selection = list(split[config.split]), f"the '{config.split}' split recorded in the bundle {full.name}"
+        # A model trained on several folders records FOLDER/ID: take the ids of the folders given with --data.
+        wanted = list(dict.fromkeys(case for folder in data_folders(config)
+                                    for case in bundle_cases_in(split[config.split], folder)))
+        if not wanted:
+            raise InputError(
+                f"--split {config.split}: none of the bundle's '{config.split}' cases ({', '.join(split[config.split][:5])}"
+                f"{' …' if len(split[config.split]) > 5 else ''}) belongs to the --data folder(s) "
+                f"{', '.join(repr(p.name) for p in data_folders(config))}. Give the folder they were drawn from."
+            )
+        selection = f"the '{config.split}' split recorded in the bundle {full.name}"
     else:
         return cases, "all labelled cases of the data set"
     by_id = {case.case_id: case for case in cases}
