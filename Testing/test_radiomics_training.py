@@ -18,7 +18,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from LiverTumorSegLib import radiomics_catalogue as catalogue  # noqa: E402
 from LiverTumorSegLib import radiomics_filter as rf  # noqa: E402
 from LiverTumorSegLib.bundle import load_bundle, write_bundle  # noqa: E402
-from LiverTumorSegLib.errors import BundleError, Cancelled  # noqa: E402
+from LiverTumorSegLib.errors import BundleError, Cancelled, InputError  # noqa: E402
 from LiverTumorSegLib.preprocess import InputContract  # noqa: E402
 from livertumorseg_training import feature_selection as fs  # noqa: E402
 from livertumorseg_training import lesion_classifier as lc  # noqa: E402
@@ -389,3 +389,35 @@ def test_train_lesion_classifier_end_to_end(tmp_path):
     assert table.names == list(catalogue.FEATURE_NAMES) and len(table.radii) == len(table.y) == samples["total"]
     again = lc.train_lesion_classifier(data, bundle_dir, seed=0, out_dir=tmp_path / "refit", samples_from=tmp_path / "run")
     assert again["selected_features"] == summary["selected_features"] and again["tau_rf"] == summary["tau_rf"]
+
+
+def test_classifier_cases_default_to_the_cascade_s_own_from_several_folders(tmp_path, capsys):
+    """A cascade trained on phantoms and real scans: the classifier takes the cases it was trained and validated
+    on from each --data folder (ids FOLDER/ID), never a held-out scan, and samples them all."""
+    from livertumorseg_training.cli import main
+
+    phantoms, real = tmp_path / "phantoms", tmp_path / "real"
+    phantoms.mkdir()
+    for number in range(3):
+        write_lits_case(phantoms, number, seed=number)
+    real.mkdir()
+    for name, seed in (("r0", 5), ("held", 6)):
+        write_lits_case(real, 0, seed=seed)
+        (real / "volume-0.nii.gz").rename(real / f"{name}_ct.nii.gz")
+        (real / "segmentation-0.nii.gz").rename(real / f"{name}_label.nii.gz")
+    bundle_dir = threshold_bundle(tmp_path)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
+    manifest["training"] = {"split": {"train": ["phantoms/lits-0", "elsewhere/lits-1"], "validation": ["phantoms/lits-2"],
+                                      "test": [], "real_train": ["r0"], "real_holdout": ["held"]}}
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    assert main(["lesion-classifier", "--data", str(phantoms), str(real), "--bundle", str(bundle_dir),
+                 "--out", str(tmp_path / "run")]) == 0
+    table = rs.SampleTable.load(tmp_path / "run")
+    assert sorted(set(table.case_ids)) == ["phantoms/lits-0", "phantoms/lits-2", "real/r0"]
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    write_lits_case(unrelated, 7, seed=7)
+    assert main(["lesion-classifier", "--data", str(unrelated), "--bundle", str(bundle_dir),
+                 "--out", str(tmp_path / "x")]) == InputError.exit_code
+    assert "None of the cases the bundle" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -73,10 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     export.set_defaults(run=_export)
 
     classifier = commands.add_parser("lesion-classifier", help="train the radiomics lesion classifier and add it to a bundle")
-    classifier.add_argument("--data", required=True, help="dataset folder (training cases)")
+    classifier.add_argument("--data", required=True, nargs="+",
+                            help="dataset folder(s) of training cases, e.g. the cascade's phantoms and its real scans")
     classifier.add_argument("--bundle", required=True, type=Path, help="bundle with the cascade; the classifier is added to it")
     classifier.add_argument("--out", required=True, type=Path, help="run folder (samples, Table 1, summary)")
-    classifier.add_argument("--cases", nargs="*", default=None, help="training case ids (default: the bundle's training split, else all)")
+    classifier.add_argument("--cases", nargs="*", default=None,
+                            help="training case ids, FOLDER/ID with several --data folders (default: the cases the "
+                                 "bundle's cascade was trained and validated on, else all)")
     classifier.add_argument("--no-cascade-false-positives", action="store_true", help="negatives from sampling only")
     classifier.add_argument("--negative-ratio", type=float, default=1.0)
     classifier.add_argument("--threads", type=int, default=1)
@@ -141,6 +144,7 @@ def _synth_phantoms(args) -> int:
     written = write_synth_dataset(args.label_bank, args.out, args.count, seed=args.seed, sources=sources, size=args.size)
     print(f"{len(written)} case(s) in {args.out}")
     return 0
+
 
 def _ablation_flags(parser) -> None:
     parser.add_argument("--no-dense-skips", action="store_true", help="plain U-Net skips (ablation)")
@@ -209,15 +213,29 @@ def _export(args) -> int:
 
 
 def _training_cases(args) -> list[str] | None:
-    """Explicit --cases, else the bundle's recorded training and validation cases (never its test cases)."""
+    """Explicit --cases, else the cases of the --data folders that the bundle's cascade was trained or validated on
+    (its real training scans included; never its held-out or test cases). With several folders the ids carry the
+    folder's name (``real-train/mahler00``)."""
     if args.cases:
         return args.cases
     from LiverTumorSegLib.bundle import load_bundle
 
-    from .datasets import bundle_cases_in
+    from .datasets import bundle_cases_in, find_cases_in, folder_list
 
     split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
-    return bundle_cases_in(list(split.get("train", [])) + list(split.get("validation", [])), args.data) or None
+    if not split:
+        return None
+    recorded = [case for part in ("train", "validation", "real_train") for case in split.get(part, [])]
+    folders = folder_list(args.data)
+    available = find_cases_in(folders)
+    chosen = []
+    for folder in folders:
+        prefix = f"{Path(folder).name}/" if len(folders) > 1 else ""
+        chosen += [prefix + case for case in bundle_cases_in(recorded, folder) if prefix + case in available]
+    if not chosen:
+        raise InputError(f"None of the cases the bundle '{args.bundle}' was trained on is in "
+                         f"{', '.join(map(str, folders))}. Give the training folders, or list cases with --cases.")
+    return chosen
 
 
 def _lesion_classifier(args) -> int:

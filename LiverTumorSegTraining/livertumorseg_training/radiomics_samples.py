@@ -378,36 +378,36 @@ def collect_samples(
 ) -> SampleTable:
     """Training regions and their 728 features for the cases of a dataset (LiTS, MSD or IRCADb layout).
 
-    ``cases``: case ids to use (default all). ``radii``: the ball radii (default the paper's 2–48 pixels;
-    smaller sets suit small phantoms). ``bundle``: a loaded bundle, required for
+    ``dataset_dir``: one folder, or several whose case ids are then prefixed with the folder's name
+    (``real-train/mahler00``, :func:`datasets.find_cases_in`). ``cases``: case ids to use (default all).
+    ``radii``: the ball radii (default the paper's 2–48 pixels; smaller sets suit small phantoms). ``bundle``: a loaded bundle, required for
     ``use_cascade_false_positives`` (its cascade and the engine's post-processing are run on each case);
     its input contract defines the processing grid. Deterministic for a given ``seed``.
     """
-    from .datasets import find_cases
+    from .datasets import find_cases_in
 
     if use_cascade_false_positives and bundle is None:
         raise ValueError("use_cascade_false_positives needs a model bundle with the cascade")
-    found = find_cases(dataset_dir)
+    found = find_cases_in(dataset_dir)
     if cases is not None:
-        wanted = set(cases)
-        found = [c for c in found if c.case_id in wanted]
-        missing = wanted - {c.case_id for c in found}
+        missing = set(cases) - set(found)
         if missing:
             raise ValueError(f"cases not found in {dataset_dir}: {', '.join(sorted(missing))}")
+        found = {case_id: case for case_id, case in found.items() if case_id in set(cases)}
     contract = bundle.contract if bundle is not None else InputContract()
     rng = np.random.default_rng(seed)
     queue = NegativeQueue(rng, radii)
     tables, positives_so_far, negatives_so_far = [], 0, 0
-    for i, case in enumerate(found):
+    for i, (case_id, case) in enumerate(found.items()):
         prepared = prepare_case(case, contract)
         positives = len(tumour_regions(prepared.labels))
         positives_so_far += positives
         n_negatives = int(round(negative_ratio * positives_so_far)) - negatives_so_far
         predicted = predicted_labels(prepared, bundle, threads=threads) if use_cascade_false_positives else None
-        regions = case_regions(prepared, case.case_id, queue, n_negatives, rng, predicted=predicted)
+        regions = case_regions(prepared, case_id, queue, n_negatives, rng, predicted=predicted)
         negatives_so_far += n_negatives
         tables.append(table_from_regions(prepared.hu, regions, prepared.grid.spacing, threads=threads))
-        log.info("%s: %d regions (%s)", case.case_id, len(regions), tables[-1].counts())
+        log.info("%s: %d regions (%s)", case_id, len(regions), tables[-1].counts())
         if progress:
             progress("radiomics samples", (i + 1) / len(found))
     table = SampleTable.concatenate(tables)
