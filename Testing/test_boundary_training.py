@@ -356,3 +356,25 @@ def test_refinement_tuning_scores_the_engines_relabelling(lits, tmp_path):
     entry = load_bundle(tmp_path / "bundle").component("boundary_cnn")
     assert (entry["band_voxels"], entry["threshold"]) == (tuning["best"]["band"], tuning["best"]["threshold"])
     assert load_bundle(tmp_path / "bundle").manifest["metrics"]["boundary_cnn"]["tuning"]["best"] == tuning["best"]
+
+
+def test_boundary_cnn_command_trains_on_the_cascade_s_cases_of_several_folders(lits, tmp_path):
+    """boundary-cnn --data PHANTOMS REAL: the cases the bundle's cascade was trained on (ids FOLDER/ID), its
+    validation cases for validation, never a held-out scan; the split lands in the bundle's manifest."""
+    import shutil
+
+    from livertumorseg_training.cli import main
+
+    for name in ("phantoms", "real"):
+        shutil.copytree(lits, tmp_path / name)
+    manifest = {"name": "demo", "version": "0", "input": InputContract().to_dict(), "components": {"liver": {"file": "liver.onnx"}},
+                "training": {"data": "phantoms, synth", "config": {"real_data": str(tmp_path / "real")},
+                             "split": {"train": ["phantoms/lits-0", "phantoms/lits-1"], "validation": ["phantoms/lits-2"],
+                                       "real_train": ["lits-0"], "real_holdout": ["lits-1"]}}}
+    write_bundle(tmp_path / "bundle", manifest, {"liver.onnx": _liver_only_onnx(tmp_path / "liver.onnx")})
+    assert main(["boundary-cnn", "--data", str(tmp_path / "phantoms"), str(tmp_path / "real"), "--bundle",
+                 str(tmp_path / "bundle"), "--out", str(tmp_path / "run"), "--samples-per-class", "150",
+                 "--epochs-adam", "1", "--epochs-sgd", "0", "--no-tune"]) == 0
+    recorded = load_bundle(tmp_path / "bundle").manifest["training"]["boundary_cnn"]
+    assert recorded["split"] == {"train": ["phantoms/lits-0", "phantoms/lits-1", "real/lits-0"],
+                                 "validation": ["phantoms/lits-2"]}

@@ -407,7 +407,7 @@ def test_classifier_cases_default_to_the_cascade_s_own_from_several_folders(tmp_
         (real / "segmentation-0.nii.gz").rename(real / f"{name}_label.nii.gz")
     bundle_dir = threshold_bundle(tmp_path)
     manifest = json.loads((bundle_dir / "manifest.json").read_text(encoding="utf-8"))
-    manifest["training"] = {"split": {"train": ["phantoms/lits-0", "elsewhere/lits-1"], "validation": ["phantoms/lits-2"],
+    manifest["training"] = {"data": "phantoms, elsewhere", "config": {"real_data": str(real)}, "split": {"train": ["phantoms/lits-0", "elsewhere/lits-1"], "validation": ["phantoms/lits-2"],
                                       "test": [], "real_train": ["r0"], "real_holdout": ["held"]}}
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
 

@@ -257,3 +257,15 @@ def test_a_bundle_trained_on_several_folders_gives_each_folder_its_own_cases():
     assert bundle_cases_in(recorded, "runs/anatomy/") == ["lits-0"]
     assert bundle_cases_in(recorded, "runs/other") == []
     assert bundle_cases_in(["lits-0", "lits-3"], "runs/procedural") == ["lits-0", "lits-3"]  # one-folder bundles
+
+
+def test_recorded_case_ids_name_the_folder_each_case_came_from():
+    from livertumorseg_training.datasets import recorded_case_ids
+
+    split = {"train": ["lits-0", "lits-3"], "validation": ["lits-5"], "real_train": ["mahler00"], "real_holdout": ["mahler06"]}
+    one_folder = {"data": "phantoms-train", "config": {"real_data": "../shared/data/real-train"}, "split": split}
+    assert recorded_case_ids(one_folder, ("train", "real_train")) == [
+        "phantoms-train/lits-0", "phantoms-train/lits-3", "real-train/mahler00"]
+    several = {"data": "phantoms-train, synth-train", "config": {}, "split": {"train": ["synth-train/lits-1"], "real_train": ["x"]}}
+    assert recorded_case_ids(several, ("train", "real_train")) == ["synth-train/lits-1", "x"]  # real folder unknown
+    assert recorded_case_ids({"split": split}, ("validation",)) == ["lits-5"]  # an older manifest: bare ids

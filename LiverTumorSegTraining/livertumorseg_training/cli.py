@@ -89,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     classifier.set_defaults(run=_lesion_classifier)
 
     boundary = commands.add_parser("boundary-cnn", help="train the 3D boundary CNN and add it to a bundle")
-    boundary.add_argument("--data", required=True)
+    boundary.add_argument("--data", required=True, nargs="+",
+                          help="dataset folder(s) of training cases, e.g. the cascade's phantoms and its real scans")
     boundary.add_argument("--bundle", required=True, type=Path, help="bundle the boundary CNN is added to")
     boundary.add_argument("--out", required=True, type=Path)
     boundary.add_argument("--preset", default="lite", choices=("paper", "lite"))
     boundary.add_argument("--patch", type=int, default=11, choices=(9, 11, 13, 15))
-    boundary.add_argument("--cases", nargs="*", default=None, help="training case ids (default: the bundle's training split)")
+    boundary.add_argument("--cases", nargs="*", default=None,
+                          help="training case ids, FOLDER/ID with several --data folders (default: the cases the "
+                               "bundle's cascade was trained on; its validation cases choose the band and threshold)")
     boundary.add_argument("--samples-per-class", type=int, default=None)
     boundary.add_argument("--epochs-adam", type=int, default=None, help="Adam epochs (default: the preset's)")
     boundary.add_argument("--epochs-sgd", type=int, default=None, help="SGD fine-tuning epochs (default: the preset's)")
@@ -214,28 +217,34 @@ def _export(args) -> int:
 
 def _training_cases(args) -> list[str] | None:
     """Explicit --cases, else the cases of the --data folders that the bundle's cascade was trained or validated on
-    (its real training scans included; never its held-out or test cases). With several folders the ids carry the
-    folder's name (``real-train/mahler00``)."""
+    (its real training scans included; never its held-out or test cases)."""
     if args.cases:
         return args.cases
+    return _recorded_cases(args.bundle, args.data, ("train", "validation", "real_train"))
+
+
+def _recorded_cases(bundle: Path, data: list, parts: tuple[str, ...], required: bool = True) -> list[str] | None:
+    """The cases of the folders ``data`` that the bundle's manifest records in the split ``parts``. With several
+    folders the ids carry the folder's name (``real-train/mahler00``, as ``datasets.find_cases_in`` names them).
+    None when the bundle records no split; an error when none of its cases is in the folders (``required``)."""
     from LiverTumorSegLib.bundle import load_bundle
 
-    from .datasets import bundle_cases_in, find_cases_in, folder_list
+    from .datasets import bundle_cases_in, find_cases_in, folder_list, recorded_case_ids
 
-    split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
-    if not split:
+    training = load_bundle(bundle).manifest.get("training") or {}
+    if not training.get("split"):
         return None
-    recorded = [case for part in ("train", "validation", "real_train") for case in split.get(part, [])]
-    folders = folder_list(args.data)
+    recorded = recorded_case_ids(training, parts)
+    folders = folder_list(data)
     available = find_cases_in(folders)
     chosen = []
     for folder in folders:
         prefix = f"{Path(folder).name}/" if len(folders) > 1 else ""
         chosen += [prefix + case for case in bundle_cases_in(recorded, folder) if prefix + case in available]
-    if not chosen:
-        raise InputError(f"None of the cases the bundle '{args.bundle}' was trained on is in "
+    if not chosen and required:
+        raise InputError(f"None of the cases the bundle '{bundle}' was trained on is in "
                          f"{', '.join(map(str, folders))}. Give the training folders, or list cases with --cases.")
-    return chosen
+    return chosen or None
 
 
 def _lesion_classifier(args) -> int:
@@ -251,14 +260,10 @@ def _lesion_classifier(args) -> int:
 
 
 def _boundary_cnn(args) -> int:
-    from LiverTumorSegLib.bundle import load_bundle
-
     from .boundary_training import export_boundary_cnn, train_boundary_cnn, tune_refinement
-    from .datasets import bundle_cases_in
 
-    split = load_bundle(args.bundle).manifest.get("training", {}).get("split") or {}
-    cases = args.cases or bundle_cases_in(list(split.get("train", [])), args.data) or None
-    validation = None if args.cases else (bundle_cases_in(list(split.get("validation", [])), args.data) or None)
+    cases = args.cases or _recorded_cases(args.bundle, args.data, ("train", "real_train"))
+    validation = None if args.cases else _recorded_cases(args.bundle, args.data, ("validation",), required=False)
     result = train_boundary_cnn(
         args.data, args.out, preset=args.preset, patch=args.patch, samples_per_class=args.samples_per_class,
         cases=cases, validation_cases=validation, seed=args.seed, epochs_adam=args.epochs_adam,
@@ -282,8 +287,9 @@ def _tune_refinement(args) -> int:
 
 def _report_tuning(bundle_dir: Path, out: Path, tuning: dict, data) -> int:
     from .boundary_training import apply_tuning
+    from .datasets import folder_list
 
-    tuning["data"] = str(data)
+    tuning["data"] = ", ".join(map(str, folder_list(data)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "refinement_tuning.json").write_text(json.dumps(tuning, indent=1) + "\n", encoding="utf-8")
     apply_tuning(bundle_dir, tuning)

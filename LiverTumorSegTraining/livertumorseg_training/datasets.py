@@ -81,6 +81,21 @@ def bundle_cases_in(cases: list[str], folder: str | Path) -> list[str]:
             if "/" not in case or case.split("/", 1)[0] == name]
 
 
+def recorded_case_ids(training: dict, parts) -> list[str]:
+    """The ids of a bundle's recorded split ``parts`` (e.g. ``("train", "real_train")``), each as ``FOLDER/ID`` where
+    the manifest tells the folder: ids of a one-folder training run get that folder's name (``training["data"]``),
+    real scans the name of ``--real-data``. An id whose folder is unknown (older bundles) stays bare."""
+    split = training.get("split") or {}
+    data_names = [name.strip() for name in str(training.get("data", "")).split(",") if name.strip()]
+    real_data = (training.get("config") or {}).get("real_data")
+    ids = []
+    for part in parts:
+        folder = Path(real_data).name if part.startswith("real_") and real_data else \
+            (data_names[0] if len(data_names) == 1 and not part.startswith("real_") else None)
+        ids += [case if "/" in case or folder is None else f"{folder}/{case}" for case in split.get(part, [])]
+    return list(dict.fromkeys(ids))
+
+
 def _natural(text: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 

@@ -24,7 +24,7 @@ from LiverTumorSegLib.masks import bounding_box, grow_box
 from LiverTumorSegLib.preprocess import InputContract, prepare_volume
 from LiverTumorSegLib.refinement import BAND_VOXELS, band_margin_zyx, boundary_band_voxels, crop_edge
 
-from ..datasets import find_cases, load_case
+from ..datasets import find_cases_in, load_case
 
 Log = Callable[[str], None]
 
@@ -73,10 +73,10 @@ def case_band(case_id: str, intensities: np.ndarray, labels: np.ndarray, spacing
 
 def load_case_bands(dataset_dir, case_ids: Sequence[str], *, contract: InputContract | None = None,
                     max_patch: int = 15, band: float = BAND_VOXELS, log: Log = print) -> list[CaseBand]:
-    """Read the cases (ids from ``datasets.find_cases``), preprocess them like the engine and keep their
-    band neighbourhoods. Cases without tumour are skipped (with a log line)."""
+    """Read the cases (ids from ``datasets.find_cases_in``: one folder, or several with FOLDER/ID ids), preprocess
+    them like the engine and keep their band neighbourhoods. Cases without tumour are skipped (with a log line)."""
     contract = contract or InputContract()
-    cases = {case.case_id: case for case in find_cases(dataset_dir)}
+    cases = find_cases_in(dataset_dir)
     missing = [c for c in case_ids if c not in cases]
     if missing:
         raise ValueError(f"unknown case ids {missing}; available: {', '.join(cases)}")

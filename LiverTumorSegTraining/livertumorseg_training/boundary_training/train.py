@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from LiverTumorSegLib.preprocess import InputContract
 from LiverTumorSegLib.refinement import BAND_VOXELS, PADDING
 
-from ..datasets import find_cases
+from ..datasets import find_cases_in, folder_list
 from ..networks.boundary import PatchClassifier, build_boundary_cnn
 from .samples import BoundarySamples, Log, load_case_bands, sample_boundary_patches
 
@@ -230,7 +230,7 @@ def train_boundary_cnn(
     log: Log = print,
     _bands: Optional[tuple[list, list]] = None,
 ) -> BoundaryTrainResult:
-    """Train the boundary CNN on a dataset folder (LiTS, MSD or 3D-IRCADb layout).
+    """Train the boundary CNN on a dataset folder (LiTS, MSD or 3D-IRCADb layout), or several (ids FOLDER/ID).
 
     ``cases``: training-pool case ids (default: all); ``validation_cases``: ids held out for early stopping
     (default: drawn from the pool, see :func:`split_cases`). Writes ``boundary_cnn_best.pt`` (best weights and
@@ -249,7 +249,7 @@ def train_boundary_cnn(
     np.random.seed(seed)
     device = _device(device)
 
-    all_ids = [c.case_id for c in find_cases(dataset_dir)]
+    all_ids = list(find_cases_in(dataset_dir))
     split = split_cases(list(cases) if cases is not None else all_ids, validation_cases, seed)
     if _bands is None:
         train_bands = load_case_bands(dataset_dir, split["train"], contract=contract, max_patch=patch, log=log)
@@ -269,7 +269,7 @@ def train_boundary_cnn(
               "validation_samples_per_class": validation_samples_per_class, "epochs_adam": epochs_adam,
               "epochs_sgd": epochs_sgd, "batch_size": batch_size or (32 if patch <= 15 else 16), "patience": patience,
               "augment": augment, "seed": seed, "band_voxels": BAND_VOXELS, "padding": PADDING, "contract": contract.to_dict(),
-              "data": Path(dataset_dir).name}
+              "data": ", ".join(Path(folder).name for folder in folder_list(dataset_dir))}
     checkpoint_path = out / "boundary_cnn_best.pt"
 
     def save(state: dict, record: dict) -> None:

@@ -17,7 +17,7 @@ from LiverTumorSegLib.image_io import to_canonical
 from LiverTumorSegLib.preprocess import prepare_volume
 from LiverTumorSegLib.refinement import COMPONENT, band_probabilities, relabel
 
-from ..datasets import find_cases, load_case
+from ..datasets import find_cases_in, load_case
 from .samples import Log
 
 
@@ -43,7 +43,7 @@ def tune_refinement(dataset_dir, bundle_dir, case_ids: Sequence[str], *, bands: 
     from LiverTumorSegLib.pipeline import PipelineOptions, segment
 
     bundle = load_bundle(bundle_dir)
-    cases = {case.case_id: case for case in find_cases(dataset_dir)}
+    cases = find_cases_in(dataset_dir)
     scores = {(float(b), float(t)): [] for b in bands for t in thresholds}
     unrefined, used = [], []
     for case_id in case_ids:
