@@ -109,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     boundary.set_defaults(run=_boundary_cnn)
 
     tune = commands.add_parser("tune-refinement", help="choose the boundary CNN's band and threshold on labelled cases")
-    tune.add_argument("--data", required=True, help="labelled cases never used for training or testing")
+    tune.add_argument("--data", required=True, nargs="+",
+                      help="folder(s) of labelled cases never used for training or testing")
     tune.add_argument("--bundle", required=True, type=Path, help="bundle with a boundary_cnn; its band and threshold are set")
     tune.add_argument("--out", required=True, type=Path, help="folder for refinement_tuning.json")
-    tune.add_argument("--cases", nargs="*", default=None, help="case ids (default: all of --data)")
+    tune.add_argument("--cases", nargs="*", default=None,
+                      help="case ids, FOLDER/ID with several --data folders (default: all of --data)")
     tune.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
     tune.set_defaults(run=_tune_refinement)
 
@@ -278,9 +280,9 @@ def _boundary_cnn(args) -> int:
 
 def _tune_refinement(args) -> int:
     from .boundary_training import tune_refinement
-    from .datasets import find_cases
+    from .datasets import find_cases_in
 
-    cases = args.cases or [case.case_id for case in find_cases(args.data)]
+    cases = args.cases or list(find_cases_in(args.data))
     tuning = tune_refinement(args.data, args.bundle, cases, threads=args.threads)
     return _report_tuning(args.bundle, args.out, tuning, args.data)
 
