@@ -12,7 +12,8 @@ weights, loads each folded convolution and rebuilds its BatchNorm so that
 
 No library inverts ONNX constant folding into a torch module, hence this module. The ONNX graph's Conv nodes are
 matched to the torch convolutions in the order a forward pass calls them (checked against every weight that kept
-its name, and by shape), and the BatchNorm it was folded from by following the convolution's output tensor into the next module.
+its name, and by shape), and the BatchNorm each was folded from is found by following the convolution's output
+tensor into the next module.
 """
 
 from __future__ import annotations
