@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--real-holdout", nargs="*", default=[], help="ids in --real-data never trained on (the real validation set)")
     train.add_argument("--real-slices-per-volume", type=int, default=80, help="slices per real scan")
     train.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels-last memory format")
-    train.add_argument("--init-from", default=None, help="start from these cascade weights (fine-tuning): a training checkpoint (best.pt) or a model bundle folder, e.g. the shipped one")
+    train.add_argument("--init-from", default=None,
+                       help="start from these cascade weights (fine-tuning): a training checkpoint (best.pt) or a "
+                            "model bundle folder, e.g. the shipped one")
     train.add_argument("--liver-scale", type=int, default=1,
                        help="run the liver branch at this many times the grid's spacing (2: 2 mm, a 448 mm window per "
                             "224 tile: the whole abdomen as context); the tumour branch stays on the 1 mm grid")

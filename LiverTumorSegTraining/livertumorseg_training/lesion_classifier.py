@@ -280,6 +280,7 @@ def train_lesion_classifier(
 ) -> dict:
     """Train the radiomics classifier on a dataset and add it to the bundle at ``bundle_dir``.
 
+    ``dataset_dir``: one folder, or several (ids ``FOLDER/ID``, :func:`datasets.find_cases_in`).
     ``cases``: training case ids (default: all cases of the dataset; pass the training fold's ids).
     With ``use_cascade_false_positives`` the bundle's cascade and the engine's post-processing run on each
     case and their false-positive components join the negatives. ``negative_ratio``: sampled negatives
