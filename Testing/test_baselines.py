@@ -379,9 +379,9 @@ def test_losses_are_float32_and_finite_under_bfloat16_autocast():
     grads = torch.autograd.grad(combo + s2loss + s1loss + hdloss, [y, *out, *hd_out], retain_graph=True)
     assert all(torch.isfinite(g).all() for g in grads)
     # Through the 2D network to its weights. Not through the 3D ones: torch 2.13's CPU bfloat16 Conv3d weight
-    # gradient comes out non-finite now and then from the same finite inputs (measured: 4-6 of 25 seeds with
-    # identical losses, different seeds on each run, one thread or two), a fault of that kernel. Training never
-    # runs bfloat16 on the CPU; on a GPU its autocast is float16.
+    # gradient comes out non-finite now and then from the same finite inputs (seen for a few seeds in repeated
+    # runs, other seeds each time, with identical losses, one thread or two), a fault of that kernel. Training
+    # never runs bfloat16 on the CPU; on a GPU its autocast is float16.
     (combo + s2loss + s1loss + hdloss).backward()
     assert all(torch.isfinite(p.grad).all() for p in e2.parameters() if p.grad is not None)
 

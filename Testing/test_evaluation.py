@@ -2,6 +2,7 @@
 the engine, and every number of the per-case CSV checked against the metrics computed directly."""
 
 import argparse
+import json
 import csv
 import math
 
@@ -254,3 +255,8 @@ def test_a_split_recorded_with_folder_prefixes_selects_the_cases_of_the_given_fo
     assert [case.case_id for case in chosen] == ["lits-0"]
     with pytest.raises(InputError, match="belongs to the --data folder"):
         select_cases(EvaluationConfig([], w["data"], w["root"] / "x", split="train"), bundle)
+    # A one-folder model records bare ids; the manifest names its folder, so another folder's cases do not match.
+    manifest = dict(bundle.manifest, training={"data": "elsewhere", "split": {"test": ["lits-0"]}})
+    (bundle.path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(InputError, match="belongs to the --data folder"):
+        select_cases(EvaluationConfig([], w["data"], w["root"] / "x", split="test"), load_bundle(bundle.path))

@@ -380,8 +380,8 @@ def collect_samples(
 
     ``dataset_dir``: one folder, or several whose case ids are then prefixed with the folder's name
     (``real-train/mahler00``, :func:`datasets.find_cases_in`). ``cases``: case ids to use (default all).
-    ``radii``: the ball radii (default the paper's 2–48 pixels; smaller sets suit small phantoms). ``bundle``: a loaded bundle, required for
-    ``use_cascade_false_positives`` (its cascade and the engine's post-processing are run on each case);
+    ``radii``: the ball radii (default the paper's 2–48 pixels; smaller sets suit small phantoms). ``bundle``: a
+    loaded bundle, required for ``use_cascade_false_positives`` (its cascade and the engine's post-processing are run on each case);
     its input contract defines the processing grid. Deterministic for a given ``seed``.
     """
     from .datasets import find_cases_in
@@ -390,10 +390,10 @@ def collect_samples(
         raise ValueError("use_cascade_false_positives needs a model bundle with the cascade")
     found = find_cases_in(dataset_dir)
     if cases is not None:
-        missing = set(cases) - set(found)
-        if missing:
-            raise ValueError(f"cases not found in {dataset_dir}: {', '.join(sorted(missing))}")
-        found = {case_id: case for case_id, case in found.items() if case_id in set(cases)}
+        wanted = set(cases)
+        if wanted - set(found):
+            raise ValueError(f"cases not found in {dataset_dir}: {', '.join(sorted(wanted - set(found)))}")
+        found = {case_id: case for case_id, case in found.items() if case_id in wanted}
     contract = bundle.contract if bundle is not None else InputContract()
     rng = np.random.default_rng(seed)
     queue = NegativeQueue(rng, radii)

@@ -14,7 +14,7 @@ from pathlib import Path
 from LiverTumorSegLib.bundle import Bundle, load_bundle
 from LiverTumorSegLib.errors import InputError
 
-from ..datasets import Case, bundle_cases_in, find_cases
+from ..datasets import Case, bundle_cases_in, find_cases, recorded_case_ids
 
 log = logging.getLogger("LiverTumorSeg")
 
@@ -192,9 +192,9 @@ def select_cases(config: EvaluationConfig, full: Bundle) -> tuple[list[Case], st
                 f"--split {config.split}: the bundle '{full.path}' records no '{config.split}' cases in its manifest "
                 "(training → split). List the cases with --cases or --cases-file instead."
             )
-        # A model trained on several folders records FOLDER/ID: take the ids of the folders given with --data.
-        wanted = list(dict.fromkeys(case for folder in data_folders(config)
-                                    for case in bundle_cases_in(split[config.split], folder)))
+        # Recorded ids name their folder where the manifest tells it: take those of the folders given with --data.
+        recorded = recorded_case_ids(full.manifest["training"], (config.split,))
+        wanted = list(dict.fromkeys(case for folder in data_folders(config) for case in bundle_cases_in(recorded, folder)))
         if not wanted:
             raise InputError(
                 f"--split {config.split}: none of the bundle's '{config.split}' cases ({', '.join(split[config.split][:5])}"
