@@ -85,9 +85,13 @@ def test_missing_file_is_refused(bundle_dir):
         (lambda m: m["input"].update(in_plane_spacing_mm=0), "in_plane_spacing_mm must be positive"),
         (lambda m: m.update(components=[{"file": "liver.onnx"}]), "'components' in manifest.json must map"),
         (lambda m: m.update(files=None), "'files' in manifest.json must map"),
+        (lambda m: m.update(inference={"liver_scales": [1.0, 2.0]}), r"liver_scales .* between 0.8 and 1.25"),
+        (lambda m: m.update(inference={"liver_scales": []}), "inference.liver_scales in manifest.json is invalid"),
+        (lambda m: m.update(inference={"liver_scales": 1.0}), "inference.liver_scales in manifest.json is invalid"),
+        (lambda m: m.update(inference=[1.0]), "inference.liver_scales in manifest.json is invalid"),
     ],
     ids=["version", "format", "pickle", "unlisted", "no-input", "zero-width-window", "zero-spacing",
-         "components-list", "files-null"],
+         "components-list", "files-null", "scale-out-of-range", "no-scales", "scale-not-a-list", "inference-list"],
 )
 def test_bad_manifests_are_refused(bundle_dir, change, message):
     manifest = json.loads((bundle_dir / MANIFEST).read_text(encoding="utf-8"))

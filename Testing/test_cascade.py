@@ -41,3 +41,80 @@ def test_component_sizes_counted_in_slabs_equal_scipys():
     components, count = ndimage.label(mask)
     expected = ndimage.sum_labels(mask, components, index=np.arange(1, count + 1))
     np.testing.assert_array_equal(_component_sizes(components, count), expected)
+
+
+def _bundle_with_scales(tmp_path, scales=None):
+    from test_bundle import _mean_sigmoid_onnx
+
+    from LiverTumorSegLib.bundle import write_bundle
+    from LiverTumorSegLib.preprocess import InputContract
+
+    files = {"liver.onnx": _mean_sigmoid_onnx(tmp_path / "l.onnx", 3), "tumour.onnx": _mean_sigmoid_onnx(tmp_path / "t.onnx", 4)}
+    manifest = {"name": "t", "version": "1", "input": InputContract().to_dict(),
+                "components": {"liver": {"file": "liver.onnx"}, "tumour": {"file": "tumour.onnx"}}}
+    if scales is not None:
+        manifest["inference"] = {"liver_scales": scales}
+    return write_bundle(tmp_path / "bundle", manifest, files)
+
+
+def _edge_volume():
+    """Intensities with a vertical edge at x = 70 (grey 0 left, 4 right): the tiny network's sigmoid(mean) is
+    0.5 on the left and sigmoid(4) ≈ 0.982 on the right."""
+    from LiverTumorSegLib.preprocess import PreparedVolume
+
+    intensities = np.zeros((3, 128, 192), np.uint8)
+    intensities[:, :, 70:] = 4
+    return PreparedVolume(intensities, intensities.astype(np.int16), None, intensities.shape, (slice(0, 128), slice(0, 192)))
+
+
+def test_zoomed_liver_runs_are_aligned_with_the_unzoomed_run(tmp_path):
+    """Each zoom's probabilities come back onto the crop's grid without a shift: flat regions keep their value
+    exactly, the edge stays within the pixel either side of it, and the mean over zooms is what is returned."""
+    from LiverTumorSegLib.cascade import run_cascade
+
+    bundle = _bundle_with_scales(tmp_path)
+    prepared = _edge_volume()
+    plain, _ = run_cascade(prepared, bundle, threads=1)
+    assert bundle.liver_scales == (1.0,)
+    high = 1 / (1 + np.exp(-4.0))
+    for scales in ((1.25,), (0.8,), (1.0, 1.12, 1.25)):
+        liver, _ = run_cascade(prepared, bundle, threads=1, liver_scales=scales)
+        assert liver.shape == plain.shape == prepared.intensities.shape
+        np.testing.assert_allclose(liver[:, :, :68], 0.5, atol=1e-6)
+        np.testing.assert_allclose(liver[:, :, 72:], high, atol=1e-6)
+        assert np.all(np.diff(liver, axis=2) >= -1e-6)  # rises once, at the edge
+        row = liver[1, 64]
+        crossing = np.interp((0.5 + high) / 2, row, np.arange(row.size))  # where the edge's half height is
+        assert abs(crossing - 69.5) <= 0.5, (scales, crossing)  # unzoomed: between x = 69 and 70
+    single = [run_cascade(prepared, bundle, threads=1, liver_scales=(scale,))[0] for scale in (1.0, 1.12, 1.25)]
+    averaged, _ = run_cascade(prepared, bundle, threads=1, liver_scales=(1.0, 1.12, 1.25))
+    np.testing.assert_allclose(averaged, np.mean(single, axis=0), atol=1e-6)
+    weighted, _ = run_cascade(prepared, bundle, threads=1, liver_scales=(1.0, 1.0, 1.25))
+    np.testing.assert_allclose(weighted, (2 * single[0] + single[2]) / 3, atol=1e-6)
+
+
+def test_the_tumour_branch_gets_the_unzoomed_liver_probability(tmp_path):
+    """The tiny tumour network is sigmoid(mean of the three slices and the liver channel): its output with
+    zoomed liver runs is exactly the unzoomed one's (same box: the whole crop), although the liver maps differ."""
+    from LiverTumorSegLib.cascade import run_cascade
+
+    bundle = _bundle_with_scales(tmp_path)
+    prepared = _edge_volume()
+    liver_plain, tumour_plain = run_cascade(prepared, bundle, threads=1, liver_scales=(1.0,))
+    for scales in ((1.0, 1.25), (1.12, 1.25)):
+        liver, tumour = run_cascade(prepared, bundle, threads=1, liver_scales=scales)
+        assert not np.array_equal(liver, liver_plain)
+        np.testing.assert_array_equal(tumour, tumour_plain)
+
+
+def test_the_bundles_liver_scales_are_the_default_and_options_override_them(tmp_path):
+    from LiverTumorSegLib.cascade import run_cascade
+
+    bundle = _bundle_with_scales(tmp_path, [1.0, 1.25])
+    assert bundle.liver_scales == (1.0, 1.25)
+    prepared = _edge_volume()
+    by_bundle, _ = run_cascade(prepared, bundle, threads=1)
+    explicit, _ = run_cascade(prepared, bundle, threads=1, liver_scales=(1.0, 1.25))
+    plain, _ = run_cascade(prepared, bundle, threads=1, liver_scales=(1.0,))
+    np.testing.assert_array_equal(by_bundle, explicit)
+    assert not np.array_equal(by_bundle, plain)

@@ -39,6 +39,8 @@ def test_invalid_option_values_exit_64_before_the_input_is_read(tmp_path, capsys
     # the input does not exist: had it been read first, the exit code would be 2
     code, captured = _main(capsys, "segment", tmp_path / "missing.nii.gz", "-o", tmp_path / "out", "--threads", "0")
     assert code == 64 and "--threads must be at least 1" in captured.err
+    code, captured = _main(capsys, "segment", tmp_path / "missing.nii.gz", "-o", tmp_path / "out", "--liver-scales", "1", "2")
+    assert code == 64 and "--liver-scales: liver scales must be one or more zooms between 0.8 and 1.25, got [1.0, 2.0]" in captured.err
     code, captured = _main(capsys, "phantom", "--out", tmp_path / "p", "--count", "0")
     assert code == 64 and "--count must be at least 1" in captured.err
 

@@ -58,6 +58,7 @@ def test_outputs_are_complete_and_consistent(segmented, phantom):
     assert volumetry["liver_volume_ml"] == pytest.approx((labels.array >= 1).sum() * voxel_ml, rel=1e-6)
     run = json.loads((segmented / "run.json").read_text(encoding="utf-8"))
     assert run["stages"]["post-process"] == "run" and run["bundle"].startswith("LiverTumorSeg-demo")
+    assert run["cascade"]["liver_scales"] == list(load_bundle().liver_scales)
     # the shipped model has neither the radiomics filter nor the boundary CNN: neither raised held-out tumour Dice
     assert run["stages"]["radiomics filter"] == "skipped: the bundle has no lesion_classifier"
     assert run["stages"]["boundary refinement"] == "skipped: the bundle has no boundary_cnn"

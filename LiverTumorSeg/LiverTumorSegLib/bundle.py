@@ -18,11 +18,16 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 from . import __version__
 from .errors import BundleError, DeviceError
 from .image_io import atomic_path
 from .preprocess import InputContract
+
+#: In-plane zooms the liver branch may run at: the training's scale augmentation range
+#: (``livertumorseg_training.slices.SCALE_RANGE``); outside it the networks were never trained.
+LIVER_SCALE_RANGE = (0.8, 1.25)
 
 FORMAT_NAME = "livertumorseg-bundle"
 FORMAT_VERSION = 1
@@ -66,6 +71,16 @@ class Bundle:
         if self.kind != CASCADE_KIND:
             raise BundleError(f"The bundle '{self.path}' holds a {self.kind} model, not the cascade.")
         return InputContract.from_dict(self.manifest["input"])
+
+    @property
+    def liver_scales(self) -> tuple[float, ...]:
+        """In-plane zooms the cascade's liver branch runs at, averaged (manifest ``inference.liver_scales``;
+        (1.0,) when absent)."""
+        try:
+            return check_liver_scales(self.manifest.get("inference", {}).get("liver_scales", [1.0]))
+        except (AttributeError, TypeError, ValueError) as error:
+            raise BundleError(f"Bundle '{self.path}': inference.liver_scales in {MANIFEST} is invalid ({error}). "
+                              "Tune them again (livertumorseg-train tune-liver-scales) or remove the entry.") from None
 
     def has(self, component: str) -> bool:
         return component in self.manifest["components"]
@@ -183,7 +198,19 @@ def load_bundle(path: str | os.PathLike | None = None) -> Bundle:
                 "damaged. Export or copy the bundle again."
             )
     check_input_contract(manifest, path)
-    return Bundle(path, manifest)
+    bundle = Bundle(path, manifest)
+    if bundle.kind == CASCADE_KIND:
+        bundle.liver_scales  # raises BundleError when the entry is invalid
+    return bundle
+
+
+def check_liver_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """The liver branch's in-plane zooms as a tuple; ValueError unless non-empty and each in :data:`LIVER_SCALE_RANGE`."""
+    scales = tuple(float(scale) for scale in scales)
+    low, high = LIVER_SCALE_RANGE
+    if not scales or not all(low <= scale <= high for scale in scales):
+        raise ValueError(f"liver scales must be one or more zooms between {low} and {high}, got {list(scales)}")
+    return scales
 
 
 def check_engine_version(required, what: str) -> None:

@@ -137,6 +137,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="SeriesInstanceUID of the DICOM series to read when the input folder holds several")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (default: all cores)")
+    parser.add_argument("--liver-scales", type=float, nargs="+", metavar="ZOOM", default=None,
+                        help="in-plane zooms (0.8-1.25) the liver network runs at, averaged (default: the bundle's; "
+                             "1 alone is fastest)")
     parser.add_argument("--no-morphology", action="store_true", help="skip the 3×3 morphological cleaning")
     parser.add_argument("--no-slice-consistency", action="store_true", help="skip the three-slice consistency rule")
     parser.add_argument("--no-radiomics", action="store_true", help="skip the radiomics false-positive filter")
@@ -154,10 +157,22 @@ def _options(args):
     from .postprocess import PostprocessOptions
 
     return PipelineOptions(
-        device=args.device, threads=_threads(args.threads),
+        device=args.device, threads=_threads(args.threads), liver_scales=_liver_scales(args.liver_scales),
         postprocess=PostprocessOptions(morphology=not args.no_morphology, slice_consistency=not args.no_slice_consistency),
         radiomics=not args.no_radiomics, refine=not args.no_refine, check_intensities=not args.skip_intensity_check,
     )
+
+
+def _liver_scales(requested: list[float] | None) -> tuple[float, ...] | None:
+    """``--liver-scales`` checked before anything runs (None: the bundle's)."""
+    from .bundle import check_liver_scales
+
+    if requested is None:
+        return None
+    try:
+        return check_liver_scales(requested)
+    except ValueError as error:
+        raise UsageError(f"--liver-scales: {error}.") from None
 
 
 def _threads(requested: int | None) -> int | None:

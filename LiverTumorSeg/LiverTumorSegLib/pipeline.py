@@ -41,6 +41,8 @@ class PipelineOptions:
     device: str = "cpu"
     threads: int | None = None
     batch_size: int = 8
+    #: In-plane zooms of the liver branch, averaged (None: the bundle's ``inference.liver_scales``).
+    liver_scales: tuple[float, ...] | None = None
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     radiomics: bool = True
     refine: bool = True
@@ -219,8 +221,10 @@ def _segment_with_cascade(canonical, orientation, bundle, options, step, progres
     with step("cascade"):
         liver_prob, tumour_prob = run_cascade(
             prepared, bundle, device=options.device, threads=options.threads, batch_size=options.batch_size,
-            progress=progress, cancel=cancel,
+            liver_scales=options.liver_scales, progress=progress, cancel=cancel,
         )
+    details_extra["cascade"] = {"liver_scales": list(bundle.liver_scales if options.liver_scales is None
+                                                     else options.liver_scales)}
     with step("post-process"):
         labels_crop, post_info = postprocess(liver_prob, tumour_prob, options.postprocess, progress, cancel)
         del liver_prob, tumour_prob

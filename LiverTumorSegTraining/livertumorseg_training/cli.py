@@ -120,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
     tune.set_defaults(run=_tune_refinement)
 
+    scales = commands.add_parser("tune-liver-scales",
+                                 help="choose the zooms the liver network runs at (averaged) on labelled cases")
+    scales.add_argument("--data", required=True, nargs="+", help="folder(s) of labelled cases")
+    scales.add_argument("--bundle", required=True, type=Path, help="cascade bundle; its inference.liver_scales are set")
+    scales.add_argument("--out", required=True, type=Path, help="folder for liver_scales_tuning.json")
+    scales.add_argument("--cases", nargs="*", default=None,
+                        help="case ids, FOLDER/ID with several --data folders (default: the bundle's validation cases)")
+    scales.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
+    scales.set_defaults(run=_tune_liver_scales)
+
     from .evaluation import add_evaluate_arguments, run_evaluate
 
     add_evaluate_arguments(
@@ -246,8 +256,8 @@ def _recorded_cases(bundle: Path, data: list, parts: tuple[str, ...], required: 
         prefix = f"{Path(folder).name}/" if len(folders) > 1 else ""
         chosen += [prefix + case for case in bundle_cases_in(recorded, folder) if prefix + case in available]
     if not chosen and required:
-        raise InputError(f"None of the cases the bundle '{bundle}' was trained on is in "
-                         f"{', '.join(map(str, folders))}. Give the training folders, or list cases with --cases.")
+        raise InputError(f"None of the cases the bundle '{bundle}' records as {' or '.join(parts)} is in "
+                         f"{', '.join(map(str, folders))}. Give the folders it was trained on, or list cases with --cases.")
     return chosen or None
 
 
@@ -287,6 +297,26 @@ def _tune_refinement(args) -> int:
     cases = args.cases or list(find_cases_in(args.data))
     tuning = tune_refinement(args.data, args.bundle, cases, threads=args.threads)
     return _report_tuning(args.bundle, args.out, tuning, args.data)
+
+
+def _tune_liver_scales(args) -> int:
+    from .datasets import folder_list
+    from .liver_scales import apply_liver_scales, tune_liver_scales
+
+    cases = args.cases or _recorded_cases(args.bundle, args.data, ("validation",))
+    if not cases:
+        raise InputError(f"The bundle '{args.bundle}' records no validation cases; list labelled cases with --cases.")
+    tuning = tune_liver_scales(args.data, args.bundle, cases, threads=args.threads)
+    tuning["data"] = ", ".join(map(str, folder_list(args.data)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "liver_scales_tuning.json").write_text(json.dumps(tuning, indent=1) + "\n", encoding="utf-8")
+    apply_liver_scales(args.bundle, tuning)
+    best = tuning["best"]
+    single = next((row for row in tuning["rows"] if row["liver_scales"] == [1.0]), None)
+    print(f"liver scales on {len(cases)} cases: {best['liver_scales']} (liver Dice {best['liver_dice']:.4f}, tumour "
+          f"{best['tumour_dice']:.4f})" + (f"; scale 1 alone {single['liver_dice']:.4f}, {single['tumour_dice']:.4f}"
+                                           if single else "") + f" (now in {args.bundle})")
+    return 0
 
 
 def _report_tuning(bundle_dir: Path, out: Path, tuning: dict, data) -> int:
