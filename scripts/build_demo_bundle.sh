@@ -70,6 +70,10 @@ fi
   --data-source "32 synthetic CT phantoms painted on real label maps (livertumorseg-train synth-phantoms --seed 5000) from the label bank: 3D-IRCADb-01 (CC BY-NC-ND 4.0; patient 1 excluded), FLARE22, WORD (GPL-3.0), AMOS, AbdomenAtlas" \
   --data-source "6 real contrast-enhanced CT scans, 8-bit windowed (mahler00-05) from the public repository MahlerTom/UnetLiverSegmentation (data/train); their source and licence are not stated; research use only; mahler06 and mahler07 held out" \
   --data-source "6 of the 64 phantoms held out for validation (checkpoint choice)"
+# The in-plane zooms the liver network runs at (averaged), chosen on the same six validation phantoms; the
+# real scans play no part in the choice.
+"$BIN/livertumorseg-train" tune-liver-scales --data "$RUNS/phantoms-train" "$RUNS/synth-train" --bundle "$BUNDLE" \
+  --out "$RUNS/liver-scales"
 
 # Neither the radiomics lesion classifier nor the boundary CNN is in this bundle. Both were trained on this cascade's
 # own training cases (procedural and painted phantoms and mahler00-05) and measured on the held-out real scans
