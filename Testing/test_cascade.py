@@ -95,7 +95,7 @@ def test_zoomed_liver_runs_are_aligned_with_the_unzoomed_run(tmp_path):
 
 def test_the_tumour_branch_gets_the_unzoomed_liver_probability(tmp_path):
     """The tiny tumour network is sigmoid(mean of the three slices and the liver channel): its output with
-    zoomed liver runs is exactly the unzoomed one's (same box: the whole crop), although the liver maps differ."""
+    zoomed liver runs is exactly the unzoomed one's, although the liver maps differ."""
     from LiverTumorSegLib.cascade import run_cascade
 
     bundle = _bundle_with_scales(tmp_path)

@@ -14,9 +14,11 @@ Multi-scale liver inference: the liver branch can run at several in-plane zooms 
 probabilities, taken back to the crop's grid, are averaged. A zoom > 1 shows the network the anatomy larger,
 as if the pixels were finer. The scales are chosen per bundle on its validation cases
 (``livertumorseg-train tune-liver-scales``); a bundle without the entry runs at scale 1 only. The average is
-the liver map of post-processing and locates the tumour branch's box; the tumour branch's fourth channel
-stays the unzoomed liver probability, the input it was trained with (fed the average instead, the shipped
-cascade's tumour Dice on its validation phantoms fell from 0.38 to 0.24–0.28).
+only the liver map of post-processing: the tumour branch gets its box and its fourth channel from the
+unzoomed liver probability, exactly as without zooms, so zooms change the liver and never the tumour
+probabilities. Fed the average, or boxed by it, the shipped cascade's tumour Dice on its validation phantoms
+fell: its false-positive blobs change with the box's position by a few pixels (after five poolings the tumour
+network is not shift-invariant).
 """
 
 from __future__ import annotations
@@ -74,25 +76,22 @@ def run_cascade(
                            pass_progress(number), cancel, scale=scale, multiple=contract.spatial_multiple,
                            add_to=add_to)
 
-    # The tumour branch always gets the unzoomed liver probability, the input it was trained with.
-    unzoomed = liver_pass(0, 1.0)
-    if not zoomed:
-        liver = unzoomed
-    else:
-        liver = unzoomed * np.float32(scales.count(1.0))
+    # The tumour branch's box and fourth channel come from the unzoomed liver probability (see the module notes).
+    liver = liver_pass(0, 1.0)
+    box = liver_box(liver > LIVER_BOX_PROBABILITY, contract.spatial_multiple)
+    sub_liver = None if box is None else crop_padded(liver[box[0]], box[1:])
+    if zoomed:  # the average is built in place: no second whole-volume map
+        liver *= np.float32(scales.count(1.0))
         for number, scale in enumerate(zoomed, start=1):
             liver_pass(number, scale, add_to=liver)
         liver /= np.float32(len(scales))
     tumour = np.zeros_like(liver)
-    box = liver_box(liver > LIVER_BOX_PROBABILITY, bundle.contract.spatial_multiple)
     if box is None:
         if progress:
             progress("tumour network", 1.0)
         return liver, tumour
     zs, ys, xs = box
     sub_volume = crop_padded(volume[zs], (ys, xs))
-    sub_liver = crop_padded(unzoomed[zs], (ys, xs))
-    del unzoomed
     sub_tumour = _run_branch(
         bundle.session("tumour", device=device, threads=threads), sub_volume, sub_liver,
         np.arange(sub_volume.shape[0]), offsets, batch_size, "tumour network", progress, cancel,
@@ -134,7 +133,7 @@ def _component_sizes(components: np.ndarray, count: int, slices: int = 16) -> np
 def _run_branch(session, volume, liver_prob, z_indices, offsets, batch_size, stage, progress, cancel, *,
                 scale: float = 1.0, multiple: int = 1, add_to: np.ndarray | None = None) -> np.ndarray:
     """The branch's probability on every slice of ``z_indices`` (added into ``add_to`` when given, which is
-    returned); at ``scale`` ≠ 1 the stacks are zoomed in-plane (bilinear), padded with air to a multiple of
+    returned); at ``scale`` ≠ 1 (liver branch: no fourth channel) the slices are zoomed in-plane, padded to a multiple of
     ``multiple`` and the probabilities zoomed back."""
     input_name = session.get_inputs()[0].name
     out = np.zeros(volume.shape, dtype=np.float32) if add_to is None else add_to
@@ -143,23 +142,30 @@ def _run_branch(session, volume, liver_prob, z_indices, offsets, batch_size, sta
         if cancel and cancel():
             raise Cancelled("Segmentation cancelled; nothing was written.")
         batch = z_indices[start : start + batch_size]
-        stacks = slice_stacks(volume, batch, offsets)
-        if liver_prob is not None:
-            stacks = np.concatenate([stacks, liver_prob[batch][:, None]], axis=1)
         if scale == 1.0:
+            stacks = slice_stacks(volume, batch, offsets)
+            if liver_prob is not None:
+                stacks = np.concatenate([stacks, liver_prob[batch][:, None]], axis=1)
             out[batch] += session.run(None, {input_name: stacks})[0][:, 0]
         else:
-            out[batch] += _zoomed_run(session, input_name, stacks, scale, multiple)
+            out[batch] += _zoomed_run(session, input_name, volume, batch, offsets, scale, multiple)
         if progress:
             progress(stage, min(1.0, (start + len(batch)) / total))
     return out
 
 
-def _zoomed_run(session, input_name: str, stacks: np.ndarray, scale: float, multiple: int) -> np.ndarray:
-    height, width = stacks.shape[2:]
-    zoomed = ndimage.zoom(stacks, (1, 1, scale, scale), order=1, grid_mode=True, mode="nearest")
-    pad = [(0, 0), (0, 0)] + [(0, (-size) % multiple) for size in zoomed.shape[2:]]
-    probability = session.run(None, {input_name: np.pad(zoomed, pad)})[0][:, 0, : zoomed.shape[2], : zoomed.shape[3]]
+def _zoomed_run(session, input_name: str, volume: np.ndarray, batch: np.ndarray, offsets, scale: float,
+                multiple: int) -> np.ndarray:
+    """One batch of the liver branch on the in-plane zoom of ``volume``: only the slices the batch's stacks use
+    are zoomed (bilinear, rounded to the uint8 grey levels the network reads), padded with air (0) to a multiple
+    of ``multiple``; the probabilities are zoomed back onto the volume's grid."""
+    first = max(int(batch.min()) + min(offsets), 0)
+    last = min(int(batch.max()) + max(offsets), volume.shape[0] - 1)
+    zoomed = ndimage.zoom(volume[first:last + 1], (1, scale, scale), order=1, grid_mode=True, mode="nearest")
+    pad = [(0, 0)] + [(0, (-size) % multiple) for size in zoomed.shape[1:]]
+    stacks = slice_stacks(np.pad(zoomed, pad), batch - first, offsets)
+    probability = session.run(None, {input_name: stacks})[0][:, 0, : zoomed.shape[1], : zoomed.shape[2]]
+    height, width = volume.shape[1:]
     back = ndimage.zoom(probability, (1, height / probability.shape[1], width / probability.shape[2]), order=1,
                         grid_mode=True, mode="nearest")
     return np.clip(back, 0.0, 1.0, out=back)
