@@ -58,25 +58,19 @@ if [ -z "$START_BUNDLE" ] && [ ! -f "$RUNS/demo-coarse/done" ]; then
   touch "$RUNS/demo-coarse/done"
 fi
 
-# Stage 3. The checkpoint is again the one with the lowest phantom validation loss.
-if [ ! -f "$RUNS/demo-tune/done" ]; then
-  RESUME=(); [ -f "$RUNS/demo-tune/last.pt" ] && RESUME=(--resume)
-  "$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" "$RUNS/synth-train" --out "$RUNS/demo-tune" \
-    --init-from "${START_BUNDLE:-$RUNS/demo-coarse/best.pt}" --liver-scale 2 --preset lite --folds 1 \
-    --validation-cases 6 --augment --batch-size 8 --lr 1e-4 --time-limit-minutes "$SECOND_TUNE_MINUTES" --seed 0 \
-    "${REAL[@]}" --real-slices-per-volume 200 "${RESUME[@]}"
-  touch "$RUNS/demo-tune/done"
-fi
-
-# Stage 4. Checkpoint again by the phantom validation loss.
-if [ ! -f "$RUNS/demo-tune2/done" ]; then
-  RESUME=(); [ -f "$RUNS/demo-tune2/last.pt" ] && RESUME=(--resume)
-  "$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" "$RUNS/synth-train" --out "$RUNS/demo-tune2" \
-    --init-from "${STAGE4_FROM:-$RUNS/demo-tune/best.pt}" --liver-scale 2 --preset lite --folds 1 \
-    --validation-cases 6 --augment --batch-size 8 --lr 1e-4 --time-limit-minutes "$THIRD_TUNE_MINUTES" --seed 0 \
-    "${REAL[@]}" --real-slices-per-volume 300 "${RESUME[@]}"
-  touch "$RUNS/demo-tune2/done"
-fi
+# Stages 3 and 4: fine-tuning at learning rate 1e-4 with the 2 mm liver branch; the checkpoint is again the one
+# with the lowest phantom validation loss. fine_tune RUN INIT MINUTES REAL_SLICES_PER_SCAN
+fine_tune() {
+  if [ ! -f "$RUNS/$1/done" ]; then
+    RESUME=(); [ -f "$RUNS/$1/last.pt" ] && RESUME=(--resume)
+    "$BIN/livertumorseg-train" train --data "$RUNS/phantoms-train" "$RUNS/synth-train" --out "$RUNS/$1" \
+      --init-from "$2" --liver-scale 2 --preset lite --folds 1 --validation-cases 6 --augment --batch-size 8 \
+      --lr 1e-4 --time-limit-minutes "$3" --seed 0 "${REAL[@]}" --real-slices-per-volume "$4" "${RESUME[@]}"
+    touch "$RUNS/$1/done"
+  fi
+}
+fine_tune demo-tune "${START_BUNDLE:-$RUNS/demo-coarse/best.pt}" "$SECOND_TUNE_MINUTES" 200
+fine_tune demo-tune2 "${STAGE4_FROM:-$RUNS/demo-tune/best.pt}" "$THIRD_TUNE_MINUTES" 300
 "$BIN/livertumorseg-train" export --checkpoint "$RUNS/demo-tune2/best.pt" --out "$BUNDLE" --overwrite \
   --name LiverTumorSeg-demo --version 0.6.0 --licence Apache-2.0 \
   --description "Research model trained on synthetic CT phantoms (procedural and painted on real anatomy) and six real 8-bit CT scans; not for clinical use." \

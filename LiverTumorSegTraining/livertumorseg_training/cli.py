@@ -110,25 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     boundary.add_argument("--seed", type=int, default=0)
     boundary.set_defaults(run=_boundary_cnn)
 
-    tune = commands.add_parser("tune-refinement", help="choose the boundary CNN's band and threshold on labelled cases")
-    tune.add_argument("--data", required=True, nargs="+",
-                      help="folder(s) of labelled cases never used for training or testing")
-    tune.add_argument("--bundle", required=True, type=Path, help="bundle with a boundary_cnn; its band and threshold are set")
-    tune.add_argument("--out", required=True, type=Path, help="folder for refinement_tuning.json")
-    tune.add_argument("--cases", nargs="*", default=None,
-                      help="case ids, FOLDER/ID with several --data folders (default: all of --data)")
-    tune.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
-    tune.set_defaults(run=_tune_refinement)
-
-    scales = commands.add_parser("tune-liver-scales",
-                                 help="choose the zooms the liver network runs at (averaged) on labelled cases")
-    scales.add_argument("--data", required=True, nargs="+", help="folder(s) of labelled cases")
-    scales.add_argument("--bundle", required=True, type=Path, help="cascade bundle; its inference.liver_scales are set")
-    scales.add_argument("--out", required=True, type=Path, help="folder for liver_scales_tuning.json")
-    scales.add_argument("--cases", nargs="*", default=None,
-                        help="case ids, FOLDER/ID with several --data folders (default: the bundle's validation cases)")
-    scales.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
-    scales.set_defaults(run=_tune_liver_scales)
+    _tuning_command(commands, "tune-refinement", "choose the boundary CNN's band and threshold on labelled cases",
+                    "bundle with a boundary_cnn; its band and threshold are set", "refinement_tuning.json",
+                    "all of --data").set_defaults(run=_tune_refinement)
+    _tuning_command(commands, "tune-liver-scales",
+                    "choose the zooms the liver network runs at (averaged) on labelled cases",
+                    "cascade bundle; its inference.liver_scales are set", "liver_scales_tuning.json",
+                    "the bundle's validation cases").set_defaults(run=_tune_liver_scales)
 
     from .evaluation import add_evaluate_arguments, run_evaluate
 
@@ -237,6 +225,18 @@ def _training_cases(args) -> list[str] | None:
     return _recorded_cases(args.bundle, args.data, ("train", "validation", "real_train"))
 
 
+def _tuning_command(commands, name: str, help_text: str, bundle_help: str, output: str, default_cases: str):
+    """A command that chooses settings of a bundle on labelled cases and writes them into it."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("--data", required=True, nargs="+", help="folder(s) of labelled cases, never test cases")
+    command.add_argument("--bundle", required=True, type=Path, help=bundle_help)
+    command.add_argument("--out", required=True, type=Path, help=f"folder for {output}")
+    command.add_argument("--cases", nargs="*", default=None,
+                         help=f"case ids, FOLDER/ID with several --data folders (default: {default_cases})")
+    command.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
+    return command
+
+
 def _recorded_cases(bundle: Path, data: list, parts: tuple[str, ...], required: bool = True) -> list[str] | None:
     """The cases of the folders ``data`` that the bundle's manifest records in the split ``parts``. With several
     folders the ids carry the folder's name (``real-train/mahler00``, as ``datasets.find_cases_in`` names them).
@@ -312,7 +312,7 @@ def _tune_liver_scales(args) -> int:
     (args.out / "liver_scales_tuning.json").write_text(json.dumps(tuning, indent=1) + "\n", encoding="utf-8")
     apply_liver_scales(args.bundle, tuning)
     best = tuning["best"]
-    single = next((row for row in tuning["rows"] if row["liver_scales"] == [1.0]), None)
+    single = tuning["scale_1_only"]
     print(f"liver scales on {len(cases)} cases: {best['liver_scales']} (liver Dice {best['liver_dice']:.4f}, tumour "
           f"{best['tumour_dice']:.4f})" + (f"; scale 1 alone {single['liver_dice']:.4f}, {single['tumour_dice']:.4f}"
                                            if single else "") + f" (now in {args.bundle})")

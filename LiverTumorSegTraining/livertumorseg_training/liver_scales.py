@@ -27,8 +27,8 @@ def tune_liver_scales(data, bundle_dir, case_ids: Sequence[str], *,
                       log: Callable[[str], None] = print) -> dict:
     """Segment every case with each candidate zoom set; score: mean liver Dice (liver with its tumours).
 
-    Returns ``{"cases", "rows": [{"liver_scales", "liver_dice", "tumour_dice", "per_case_liver"}], "best":
-    {"liver_scales", "liver_dice", "tumour_dice"}}``. Ties go to the set with fewer zooms (faster). The
+    Returns ``{"cases", "rows": [{"liver_scales", "liver_dice", "tumour_dice", "per_case_liver"}], "best" and
+    "scale_1_only" (None when (1,) is not a candidate): {"liver_scales", "liver_dice", "tumour_dice"}}``. Ties go to the set with fewer zooms (faster). The
     tumour Dice (global over the cases) is reported, not optimised.
     """
     from LiverTumorSegLib.pipeline import PipelineOptions, segment
@@ -55,19 +55,21 @@ def tune_liver_scales(data, bundle_dir, case_ids: Sequence[str], *,
              "per_case_liver": [round(value, 4) for value in liver[scales]]}
             for scales, counts in tumour_counts.items()]
     best = max(rows, key=lambda row: (row["liver_dice"], -len(row["liver_scales"])))
-    return {"cases": list(case_ids), "rows": rows, "best": {k: v for k, v in best.items() if k != "per_case_liver"}}
+    single = next((row for row in rows if row["liver_scales"] == [1.0]), None)
+    return {"cases": list(case_ids), "rows": rows, "best": _summary(best),
+            "scale_1_only": _summary(single) if single else None}
 
 
 def apply_liver_scales(bundle_dir, tuning: dict) -> Bundle:
     """Write the best zoom set of a :func:`tune_liver_scales` result into the bundle (``inference.liver_scales``),
     with the tuning's cases and scores under ``metrics.liver_scales``."""
-    bundle = load_bundle(bundle_dir)
-    best = tuning["best"]
-    single = next((row for row in tuning["rows"] if row["liver_scales"] == [1.0]), None)
-    record = {"cases": tuning["cases"], "data": tuning.get("data"), "best": best,
-              "scale_1_only": {k: v for k, v in single.items() if k != "per_case_liver"} if single else None}
-    return extend_bundle(bundle_dir, {}, {}, {"inference": {"liver_scales": best["liver_scales"]},
-                                              "metrics": {**bundle.manifest.get("metrics", {}), "liver_scales": record}})
+    record = {key: tuning.get(key) for key in ("cases", "data", "best", "scale_1_only")}
+    return extend_bundle(bundle_dir, {}, {}, {"inference": {"liver_scales": tuning["best"]["liver_scales"]},
+                                              "metrics": {"liver_scales": record}})  # merged into the manifest's
+
+
+def _summary(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key != "per_case_liver"}
 
 
 def _name(scales: Sequence[float]) -> str:
