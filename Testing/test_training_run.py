@@ -86,6 +86,25 @@ def test_real_scans_join_training_and_the_holdout_is_never_read(dataset, tmp_pat
         train(_config(dataset, tmp_path / "other", real_data=str(real), real_holdout=["nope"]), log=lambda *_: None)
 
 
+def test_train_only_data_joins_training_and_keeps_the_validation_split(dataset, tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for n in (0, 1):
+        ct, labels = _case(n + 4)
+        write_image(Image(ct, GEOMETRY), extra / f"volume-{n}.nii.gz")
+        write_image(Image(labels, GEOMETRY), extra / f"segmentation-{n}.nii.gz")
+    torch.set_num_threads(1)
+    plain = train(_config(dataset, tmp_path / "plain", epochs=1, max_steps_per_epoch=1), log=lambda *_: None)
+    logs = []
+    joined = train(_config(dataset, tmp_path / "joined", epochs=1, max_steps_per_epoch=1, train_only_data=[str(extra)]),
+                   log=logs.append)
+    assert joined.split["validation"] == plain.split["validation"]
+    assert joined.split["train"] == plain.split["train"] + ["extra/lits-0", "extra/lits-1"]
+    assert "20 training" in logs[0]  # (3 phantom cases + 2 train-only cases) × 4 slices
+    with pytest.raises(InputError, match="already given"):
+        train(_config(dataset, tmp_path / "clash", train_only_data=[str(dataset)]), log=lambda *_: None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="second folder of real scans that join the training set (e.g. 8-bit windowed CTs with cases.json)")
     train.add_argument("--real-holdout", nargs="*", default=[], help="ids in --real-data never trained on (the real validation set)")
     train.add_argument("--real-slices-per-volume", type=int, default=80, help="slices per real scan")
+    train.add_argument("--train-only-data", nargs="+", default=[],
+                       help="further dataset folder(s) whose cases are only trained on, never drawn for validation or "
+                            "test (adding data to a fine-tuning stage keeps the --data folders' split)")
     train.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels-last memory format")
     train.add_argument("--init-from", default=None,
                        help="start from these cascade weights (fine-tuning): a training checkpoint (best.pt) or a "

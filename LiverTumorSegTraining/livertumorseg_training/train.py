@@ -8,7 +8,8 @@ Deterministic seeds. Mixed precision (float16 autocast + gradient scaling) on CU
 Real scans: ``real_data`` names a second folder (e.g. the 8-bit windowed real CTs) whose cases join the
 training set only, with ``real_slices_per_volume`` slices each; the ids in ``real_holdout`` are never loaded.
 Validation (the best checkpoint, early stopping) stays on ``data``'s validation cases, so the held-out real
-scans remain an untouched measurement set.
+scans remain an untouched measurement set. ``train_only_data`` names further folders whose cases are only trained
+on (ids ``FOLDER/ID``): data added to a later fine-tuning stage leaves the validation split of ``data`` as it was.
 
 Distributed: when ``torchrun`` sets ``WORLD_SIZE`` > 1, the process group is initialised (gloo on CPU,
 nccl on GPU), the model is wrapped in DistributedDataParallel and the data in a DistributedSampler;
@@ -35,7 +36,7 @@ from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.preprocess import InputContract
 
 from .bundle_weights import calibration_batch, initialise_from_bundle, is_bundle
-from .datasets import find_cases, find_cases_in, kfold_split, load_case
+from .datasets import find_cases, find_cases_in, folder_list, kfold_split, load_case
 from .losses import CascadeLoss
 from .networks import build_model
 from .slices import SliceSet, TileSampler, prepare_slices
@@ -69,6 +70,7 @@ class TrainConfig:
     real_data: str | None = None
     real_holdout: list[str] = field(default_factory=list)
     real_slices_per_volume: int = 80
+    train_only_data: list[str] = field(default_factory=list)
     channels_last: bool = True
     liver_scale: int = 1
     init_from: str | None = None
@@ -142,6 +144,20 @@ def real_training_split(config: TrainConfig) -> tuple[dict, list[str]]:
     return real, sorted(set(real) - set(config.real_holdout))
 
 
+def train_only_cases(config: TrainConfig) -> dict:
+    """The cases of ``config.train_only_data`` by ``FOLDER/ID``; they join the training set only."""
+    taken = {Path(folder).name for folder in [*folder_list(config.data), *filter(None, [config.real_data])]}
+    cases = {}
+    for folder in config.train_only_data:
+        name = Path(folder).name
+        if name in taken:
+            raise InputError(f"--train-only-data '{folder}': a training folder named '{name}' is already given; "
+                             "folders must have different names to tell their cases apart.")
+        taken.add(name)
+        cases.update({f"{name}/{case.case_id}": case for case in find_cases(folder)})
+    return cases
+
+
 def train(config: TrainConfig, log=print) -> TrainResult:
     rank, local_rank, world = _distributed()
     device = _device(config, local_rank)
@@ -160,6 +176,9 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     contract = InputContract.from_dict(config.contract)
     real_cases, real_train = real_training_split(config)
     split.update(real_train=real_train, real_holdout=sorted(config.real_holdout))
+    extra_cases = train_only_cases(config)
+    split["train"] += list(extra_cases)
+    cases.update(extra_cases)
     train_sets = load_slice_sets(config, split["train"], cases)
     train_sets += load_slice_sets(config, real_train, real_cases, config.real_slices_per_volume)
     train_sampler = TileSampler(train_sets, contract, tile=config.tile, train=True, augment=config.augment,
