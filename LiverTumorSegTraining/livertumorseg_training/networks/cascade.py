@@ -82,13 +82,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cascade_layers import (AttentionGate, BilinearUp, DenseBlock, DenseLayer, InputScale, SubPixelUp,
+from .cascade_layers import (AttentionGate, BilinearUp, DenseBlock, InputScale, SubPixelUp,
                              Transition, conv_bn_relu, conv_stage, icnr_)
 
 __all__ = [
     "PRESETS",
     "InputScale",
-    "DenseLayer",
     "DenseBlock",
     "Transition",
     "AttentionGate",

@@ -1,13 +1,15 @@
-"""The layers the cascade's branches are built from (``cascade.py``): dense layers and blocks, transitions,
-attention gates and the two kinds of x2 upsampling, all 2D."""
+"""The layers the cascade's branches are built from (``cascade.py``): dense blocks (of ``densenet``'s dense
+layers), transitions, attention gates and the two kinds of x2 upsampling, all 2D."""
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .densenet import DenseLayer
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int) -> nn.Sequential:
@@ -34,28 +36,13 @@ class InputScale(nn.Module):
         return x * self.scale.to(dtype=x.dtype)
 
 
-class DenseLayer(nn.Module):
-    """BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3(k) on the concatenation of all earlier features."""
-
-    def __init__(self, in_ch: int, growth_rate: int, bn_size: int):
-        super().__init__()
-        mid = bn_size * growth_rate
-        self.norm1 = nn.BatchNorm2d(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
-        self.norm2 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, growth_rate, 3, padding=1, bias=False)
-
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
-        x = torch.cat(features, 1) if len(features) > 1 else features[0]
-        x = self.conv1(F.relu(self.norm1(x)))
-        return self.conv2(F.relu(self.norm2(x)))
-
-
 class DenseBlock(nn.Module):
+    """Dense block (its layers as ``layers.N``); returns the concatenation of its input and all layers' outputs."""
+
     def __init__(self, num_layers: int, in_ch: int, growth_rate: int, bn_size: int):
         super().__init__()
         self.layers = nn.ModuleList(
-            DenseLayer(in_ch + i * growth_rate, growth_rate, bn_size) for i in range(num_layers)
+            DenseLayer(2, in_ch + i * growth_rate, growth_rate, bn_size, eps=1e-5) for i in range(num_layers)
         )
         self.out_channels = in_ch + num_layers * growth_rate
 

@@ -21,9 +21,9 @@ def conv_class(nd: int):
     return nn.Conv2d if nd == 2 else nn.Conv3d
 
 
-def batch_norm(nd: int, ch: int) -> nn.Module:
-    """2D or 3D batch normalisation with the official DenseNet port's epsilon."""
-    return (nn.BatchNorm2d if nd == 2 else nn.BatchNorm3d)(ch, eps=BN_EPS)
+def batch_norm(nd: int, ch: int, eps: float = BN_EPS) -> nn.Module:
+    """2D or 3D batch normalisation, by default with the official DenseNet port's epsilon."""
+    return (nn.BatchNorm2d if nd == 2 else nn.BatchNorm3d)(ch, eps=eps)
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -33,15 +33,16 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 class DenseLayer(nn.Module):
-    """BN-ReLU-Conv1(bn_size*k)-BN-ReLU-Conv3(k) (torchvision's ``_DenseLayer`` parameter names)."""
+    """BN-ReLU-Conv1(bn_size*k)-BN-ReLU-Conv3(k) on the concatenation of all earlier features (torchvision's
+    ``_DenseLayer`` parameter names). The cascade's dense blocks use it too, with PyTorch's BatchNorm epsilon."""
 
-    def __init__(self, nd: int, in_ch: int, growth: int, bn_size: int):
+    def __init__(self, nd: int, in_ch: int, growth: int, bn_size: int, eps: float = BN_EPS):
         super().__init__()
         conv = conv_class(nd)
         mid = bn_size * growth
-        self.norm1 = batch_norm(nd, in_ch)
+        self.norm1 = batch_norm(nd, in_ch, eps)
         self.conv1 = conv(in_ch, mid, 1, bias=False)
-        self.norm2 = batch_norm(nd, mid)
+        self.norm2 = batch_norm(nd, mid, eps)
         self.conv2 = conv(mid, growth, 3, padding=1, bias=False)
 
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
