@@ -133,8 +133,8 @@ def _component_sizes(components: np.ndarray, count: int, slices: int = 16) -> np
 def _run_branch(session, volume, liver_prob, z_indices, offsets, batch_size, stage, progress, cancel, *,
                 scale: float = 1.0, multiple: int = 1, add_to: np.ndarray | None = None) -> np.ndarray:
     """The branch's probability on every slice of ``z_indices`` (added into ``add_to`` when given, which is
-    returned); at ``scale`` ≠ 1 (liver branch: no fourth channel) the slices are zoomed in-plane, padded to a multiple of
-    ``multiple`` and the probabilities zoomed back."""
+    returned); at ``scale`` ≠ 1 (liver branch: no fourth channel) the slices are zoomed in-plane, padded to a
+    multiple of ``multiple`` and the probabilities zoomed back."""
     input_name = session.get_inputs()[0].name
     out = np.zeros(volume.shape, dtype=np.float32) if add_to is None else add_to
     total = len(z_indices)

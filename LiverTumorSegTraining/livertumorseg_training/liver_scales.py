@@ -28,8 +28,8 @@ def tune_liver_scales(data, bundle_dir, case_ids: Sequence[str], *,
     """Segment every case with each candidate zoom set; score: mean liver Dice (liver with its tumours).
 
     Returns ``{"cases", "rows": [{"liver_scales", "liver_dice", "tumour_dice", "per_case_liver"}], "best" and
-    "scale_1_only" (None when (1,) is not a candidate): {"liver_scales", "liver_dice", "tumour_dice"}}``. Ties go to the set with fewer zooms (faster). The
-    tumour Dice (global over the cases) is reported, not optimised.
+    "scale_1_only" (None when (1,) is not a candidate): {"liver_scales", "liver_dice", "tumour_dice"}}``. Ties go
+    to the set with fewer zooms (faster). The tumour Dice (global over the cases) is reported, not optimised.
     """
     from LiverTumorSegLib.pipeline import PipelineOptions, segment
 
@@ -65,7 +65,7 @@ def apply_liver_scales(bundle_dir, tuning: dict) -> Bundle:
     with the tuning's cases and scores under ``metrics.liver_scales``."""
     record = {key: tuning.get(key) for key in ("cases", "data", "best", "scale_1_only")}
     return extend_bundle(bundle_dir, {}, {}, {"inference": {"liver_scales": tuning["best"]["liver_scales"]},
-                                              "metrics": {"liver_scales": record}})  # merged into the manifest's
+                                              "metrics": {"liver_scales": record}})  # added to the other metrics
 
 
 def _summary(row: dict) -> dict:
